@@ -1,0 +1,57 @@
+# frlm: every recipe forwards its arguments, e.g. `just pack --seq-len 128`.
+# Run through uv so no system `just` is needed: `uv run just RECIPE ...`.
+set positional-arguments
+
+python := "uv run --no-sync python"
+
+# list the recipes
+default:
+    @just --list
+
+# fetch frwiki_namespace_0_0.jsonl from Kaggle (version 1) into data/raw/ (--from PATH takes a local copy)
+download *args:
+    {{python}} -m pipeline download "$@"
+
+# write every paragraph of the JSONL to data/paragraphs/paragraphs.parquet
+extract-paragraphs *args:
+    {{python}} -m pipeline extract-paragraphs "$@"
+
+# train (or load) a SuperBPE tokenizer and encode the paragraphs into data/tokens/
+tokenize *args:
+    {{python}} -m pipeline tokenize "$@"
+
+# pack the token stream into fixed-length rows: just pack --seq-len 128,2048
+pack *args:
+    {{python}} -m pipeline pack "$@"
+
+# train a model on the packed data (FP8 with Transformer Engine on a GPU)
+train *args:
+    {{python}} -m train "$@"
+
+# generate text from a checkpoint
+sample *args:
+    {{python}} -m train.sample "$@"
+
+# the whole pipeline on an embedded corpus: no download, no GPU, separate demo/ folder
+demo *args:
+    {{python}} -m pipeline.demo "$@"
+
+# write a synthetic frwiki-format JSONL (the demo's corpus and the benchmarks' input)
+make-corpus *args:
+    {{python}} -m pipeline make-corpus "$@"
+
+# extraction throughput vs bare orjson, written to docs/benchmarks.md
+bench-extract *args:
+    {{python}} -m pipeline bench-extract "$@"
+
+# tokenizer training and encoding throughput, SuperBPE vs BPE compression
+bench-tokenize *args:
+    {{python}} -m pipeline bench-tokenize "$@"
+
+# packed-data loader throughput
+bench-loader *args:
+    {{python}} -m train.bench_loader "$@"
+
+# run the test suite
+test *args:
+    {{python}} -m pytest "$@"

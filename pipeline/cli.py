@@ -1,0 +1,63 @@
+"""`python -m pipeline STAGE ...`: one command line for every data stage.
+
+Each stage module exposes `add_arguments(parser)` and `run(args) -> int`. A `StageError` is a
+problem the user can fix: it is printed as one line on stderr and the exit code is 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from pipeline.errors import StageError
+
+STAGES = {  # command -> module (each exposes add_arguments and run)
+    "download": "pipeline.download",
+    "extract-paragraphs": "pipeline.extract",
+    "tokenize": "pipeline.tokenize_stage",
+    "pack": "pipeline.pack",
+    "make-corpus": "pipeline.corpus_gen",
+    "bench-extract": "pipeline.bench_extract",
+    "bench-tokenize": "pipeline.bench_tokenize",
+}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+                        help="root of the stage outputs; default input/output paths live under it (default: data)")
+    parser.add_argument("--manifests", type=Path, default=Path("manifests"),
+                        help="directory of the stage manifests (default: manifests)")
+    parser.add_argument("--force", action="store_true",
+                        help="rerun even when the manifest says the outputs are up to date")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, module_name in STAGES.items():
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip()
+        sub = subparsers.add_parser(name, help=doc.splitlines()[0] if doc else name, description=doc,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if getattr(module, "STAGE_ARGUMENTS", True):
+            add_common_arguments(sub)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except StageError as err:
+        print(f"error: {args.stage}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: {args.stage}: interrupted; no output was left at its final path", file=sys.stderr)
+        return 130
