@@ -1,0 +1,101 @@
+"""SuperBPE training is checked against an independent pure-Python replay of greedy BPE."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from tokenizers import Tokenizer
+
+from pipeline import superbpe as sb
+
+PHRASES = ["est une commune française située dans le département", "au cours de la", "la ville de",
+           "Population : 1 200 habitants", "Climat : tempéré", "il y a", "dans le nord de la France"]
+WORDS = ["maison", "rivière", "château", "église", "village", "marché", "pont", "forêt", "l'homme", "aujourd'hui"]
+
+
+def corpus(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(PHRASES) if rng.random() < 0.5 else rng.choice(WORDS) for _ in range(rng.randint(3, 9)))
+            + rng.choice([".", " !", "", " : fin."]) for _ in range(n)]
+
+
+def bpe_apply(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Reference BPE: repeatedly merge the lowest-ranked adjacent pair."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, 1 << 60), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == 1 << 60:
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+    return symbols
+
+
+def allowed(left: str, right: str) -> bool:
+    token = left + right
+    return sb.words_in(token) <= sb.MAX_WORDS and ":Ġ" not in token
+
+
+def test_stage2_merges_are_greedy_under_the_rules():
+    texts = corpus()
+    stage1 = sb.train_stage1(texts, 420)
+    transition = 100
+    counts, vocabulary = sb.stage2_words(texts, stage1, transition)
+    merges = sb.train_stage2(counts, vocabulary, 120)
+    assert len(merges) > 60
+
+    # Independent reference: STAGE2 pretokens, stage-1 merges applied in Python, greedy replay.
+    pre = Tokenizer.from_str(sb.assemble(stage1.alphabet, [], sb.STAGE2_PATTERN).to_str()).pre_tokenizer
+    ranks = {pair: i for i, pair in enumerate(stage1.merges[:transition])}
+    words: Counter = Counter()
+    for text in texts:
+        for piece, _ in pre.pre_tokenize_str(text):
+            words[tuple(bpe_apply(list(piece), ranks))] += 1
+    vetoed_somewhere = False
+    for left, right in merges:
+        assert allowed(left, right), (left, right)
+        pair_counts: Counter = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pair_counts[pair] += count
+        best = max((c for p, c in pair_counts.items() if allowed(*p)), default=0)
+        vetoed_somewhere |= any(c > best for p, c in pair_counts.items() if not allowed(*p))
+        assert pair_counts[(left, right)] == best, (left, right, pair_counts[(left, right)], best)
+        merged: Counter = Counter()
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == (left, right):
+                    out.append(left + right)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    assert vetoed_somewhere  # the corpus really exercised the rules
+
+
+def test_final_tokenizer_round_trips_and_keeps_every_byte():
+    texts = corpus(200, seed=1)
+    tokenizer = sb.train_superbpe(texts, 400, 120)
+    assert tokenizer.token_to_id(sb.EOT) == 0 and tokenizer.token_to_id(sb.PAD) == 1
+    for text in texts[:50] + ["emoji 🦜 et 中文, l'homme: 12345\tfin", "ligne\nsuivante"]:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        assert tokenizer.decode(ids) == text
+    vocab = tokenizer.get_vocab()
+    assert all(sb.words_in(t) <= 4 and ":Ġ" not in t and (len(t) == 1 or "Ċ" not in t) for t in vocab)
+    assert any(sb.words_in(t) >= 2 for t in vocab)  # superwords exist
+    l_homme = tokenizer.pre_tokenizer.pre_tokenize_str("l'homme")
+    assert [piece for piece, _ in l_homme] == ["l'homme"]  # stage 2 may merge across the apostrophe
+    stage1 = sb.plain_bpe(sb.train_stage1(texts, 400)).pre_tokenizer.pre_tokenize_str("l'homme est")
+    assert [piece for piece, _ in stage1] == ["l", "'homme", "Ġest"]
+
+
+def test_pretokenizers_follow_the_paper():
+    text = "de la ville, en 2024 !! puis   fin"
+    stage1 = [p for p, _ in sb.pretokenizer(sb.STAGE1_PATTERN).pre_tokenize_str(text)]
+    stage2 = [p for p, _ in sb.pretokenizer(sb.STAGE2_PATTERN).pre_tokenize_str(text)]
+    assert stage1 == ["de", "Ġla", "Ġville", ",", "Ġen", "Ġ", "202", "4", "Ġ!!", "Ġpuis", "ĠĠ", "Ġfin"]
+    # stage 2 isolates only digit groups, runs of 2+ punctuation and runs of spaces
+    assert stage2 == ["deĠlaĠville,ĠenĠ", "202", "4", "Ġ!!", "Ġpuis", "ĠĠ", "Ġfin"]
