@@ -1,0 +1,177 @@
+"""Pack the token stream into fixed-length rows, one packed dataset per curriculum length.
+
+Documents are placed whole with best-fit decreasing bin packing (Ding et al. 2024, "Fewer
+Truncations Improve Language Modeling"): a document longer than a row is cut into row-sized pieces,
+every other document lands whole in the fullest row that still has room, and what is left at a
+row's end is padding (ignored by the loss). Each row holds N + 1 ids so it yields N predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import paths
+from pipeline.errors import StageError
+from pipeline.manifest import StageRun, atomic_path, remove_stale_temporaries, verify_input
+from train.packed import SPLITS, check_seq_len, manifest_name, split_files
+
+COPY_CHUNK_TOKENS = 1 << 24
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seq-len", required=True,
+                        help="one or more lengths N, comma separated (multiples of 8 from 8 to 8192); rows hold N+1 ids")
+    parser.add_argument("--input", type=Path, default=None, help="tokens folder (default: DATA_DIR/tokens)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="root of the packed output; each length goes to OUT_DIR/seqN (default: DATA_DIR/packed)")
+
+
+def parse_seq_lens(text: str) -> list[int]:
+    try:
+        lengths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise StageError(f"--seq-len {text!r} must be integers separated by commas, e.g. 128,2048") from None
+    if not lengths:
+        raise StageError("--seq-len needs at least one length")
+    for length in lengths:
+        try:
+            check_seq_len(length)
+        except ValueError as err:
+            raise StageError(f"--seq-len: {err}") from None
+    return sorted(set(lengths))
+
+
+def cut_documents(doc_starts: np.ndarray, doc_tokens: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pieces (start, length) in document order: documents longer than a row cut into row-sized pieces."""
+    n_pieces = -(-doc_tokens // row_len)
+    piece_doc = np.repeat(np.arange(doc_tokens.size), n_pieces)
+    piece_rank = np.arange(piece_doc.size) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
+    starts = doc_starts[piece_doc] + piece_rank * row_len
+    lengths = np.minimum(row_len, doc_tokens[piece_doc] - piece_rank * row_len)
+    return starts, lengths, int((n_pieces > 1).sum())
+
+
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Assign each item to a bin of `capacity`: largest first, each into the bin with the least room
+    that still fits it. Returns (bin of each item, offset of each item in its bin, number of bins)."""
+    order = np.argsort(-lengths, kind="stable")
+    item_bin = np.empty(lengths.size, dtype=np.int64)
+    item_offset = np.empty(lengths.size, dtype=np.int64)
+    full = lengths[order] == capacity  # whole rows need no search
+    n_full = int(full.sum())
+    item_bin[order[:n_full]] = np.arange(n_full)
+    item_offset[order[:n_full]] = 0
+    bins_with_room: list[list[int]] = [[] for _ in range(capacity + 1)]  # room -> bins (stack)
+    has_room = np.zeros(capacity + 1, dtype=bool)
+    used = [0] * n_full
+    for item in order[n_full:].tolist():
+        size = int(lengths[item])
+        room = size + int(has_room[size:].argmax())
+        if has_room[room]:
+            bin_id = bins_with_room[room].pop()
+            if not bins_with_room[room]:
+                has_room[room] = False
+        else:
+            bin_id, room = len(used), capacity
+            used.append(0)
+        item_bin[item] = bin_id
+        item_offset[item] = used[bin_id]
+        used[bin_id] += size
+        left = room - size
+        if left:
+            bins_with_room[left].append(bin_id)
+            has_room[left] = True
+    return item_bin, item_offset, len(used)
+
+
+def pack_split(tokens: np.memmap, index: np.ndarray, seq_len: int, pad_id: int, out_files: dict[str, Path],
+               progress: bool = True) -> dict:
+    """Write one split's rows, doc_lens and row_offsets atomically; return its counts."""
+    row_len = seq_len + 1
+    starts, lengths, cut = cut_documents(index["start"].astype(np.int64), index["tokens"].astype(np.int64), row_len)
+    item_bin, item_offset, n_rows = best_fit_decreasing(lengths, row_len)
+    # Rows in bin order; inside a row, pieces in placement order (offset order).
+    order = np.lexsort((item_offset, item_bin))
+    starts, lengths, item_bin, item_offset = starts[order], lengths[order], item_bin[order], item_offset[order]
+    with atomic_path(out_files["tokens"]) as tmp:
+        rows = np.memmap(tmp, dtype=tokens.dtype, mode="w+", shape=(max(n_rows, 1), row_len))
+        flat = rows.reshape(-1)
+        flat[:] = pad_id
+        bar = tqdm(total=int(lengths.sum()), unit="tok", unit_scale=True, desc=f"pack seq{seq_len}", disable=not progress)
+        begin = 0
+        while begin < lengths.size:  # copy in chunks of pieces so memory stays bounded
+            end = int(np.searchsorted(np.cumsum(lengths[begin:]), COPY_CHUNK_TOKENS)) + begin + 1
+            seg_lengths = lengths[begin:end]
+            seg = np.repeat(np.arange(seg_lengths.size), seg_lengths)
+            within = np.arange(seg.size) - np.repeat(np.cumsum(seg_lengths) - seg_lengths, seg_lengths)
+            destination = item_bin[begin:end][seg] * row_len + item_offset[begin:end][seg] + within
+            flat[destination] = tokens[starts[begin:end][seg] + within]
+            bar.update(seg.size)
+            begin = end
+        bar.close()
+        rows.flush()
+        del rows, flat
+        if n_rows == 0:
+            tmp.write_bytes(b"")
+    row_offsets = np.zeros(n_rows + 1, dtype=np.int64)
+    np.add.at(row_offsets, item_bin + 1, 1)
+    for name, array in (("doc_lens", lengths.astype(np.int32)), ("row_offsets", np.cumsum(row_offsets))):
+        with atomic_path(out_files[name]) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, array)
+    total = n_rows * row_len
+    real = int(lengths.sum())
+    return {"rows": n_rows, "tokens": real, "padding_tokens": total - real,
+            "padding_fraction": round((total - real) / total, 6) if total else 0.0,
+            "documents": int(index.size), "documents_cut": cut, "pieces": int(lengths.size)}
+
+
+def run(args: argparse.Namespace) -> int:
+    seq_lens = parse_seq_lens(args.seq_len)
+    tokens_dir = args.input or paths.tokens_dir(args.data_dir)
+    out_root = args.out_dir or (args.data_dir / "packed")
+    files = {split: (tokens_dir / f"{split}.bin", tokens_dir / f"{split}.docs.npy") for split in SPLITS}
+    inputs = [verify_input(path, args.manifests, producer_required="tokenize")
+              for pair in files.values() for path in pair]
+    tokens_manifest = json.loads((Path(args.manifests) / "tokenize.json").read_text())
+    info = tokens_manifest["tokens"]
+    tokenizer_record = next(o for o in tokens_manifest["outputs"] if o["path"].endswith("tokenizer.json"))
+    if Path(tokenizer_record["path"]).is_file():  # a tokenizer changed under its tokens is refused
+        verify_input(Path(tokenizer_record["path"]), args.manifests, producer_required="tokenize")
+    for seq_len in seq_lens:
+        out_dir = out_root / f"seq{seq_len}"
+        parameters = {"seq_len": seq_len, "out_dir": str(out_dir)}
+        stage = StageRun(manifest_name(seq_len), args.manifests, parameters, inputs, force=args.force)
+        if stage.up_to_date():
+            print(f"pack: seq{seq_len} up to date ({out_dir}); use --force to rerun")
+            continue
+        stage.begin()
+        remove_stale_temporaries(out_dir)
+        started = time.perf_counter()
+        splits = {}
+        for split, (bin_path, index_path) in files.items():
+            index = np.load(index_path)
+            tokens = np.memmap(bin_path, dtype=np.dtype(info["dtype"]), mode="r")
+            counts = pack_split(tokens, index, seq_len, info["special_ids"]["pad"], split_files(out_dir, split))
+            counts["utf8_bytes"] = info["splits"][split]["utf8_bytes"]
+            splits[split] = counts
+            for name, path in split_files(out_dir, split).items():
+                stage.add_output(path, counts=counts if name == "tokens" else None)
+        seconds = time.perf_counter() - started
+        total_tokens = sum(s["tokens"] for s in splits.values())
+        stage.finish(counters={"seconds": round(seconds, 3), "tokens_per_second": round(total_tokens / max(seconds, 1e-9))},
+                     extra={"pack": {"seq_len": seq_len, "row_len": seq_len + 1, "dtype": info["dtype"],
+                                     "pad_id": info["special_ids"]["pad"], "eot_id": info["special_ids"]["eot"],
+                                     "vocab_size": info["vocab_size"], "tokenizer_sha256": info["tokenizer_sha256"],
+                                     "splits": splits}})
+        train = splits["train"]
+        print(f"pack: seq{seq_len}: {train['rows']:,} train rows, padding {train['padding_fraction']:.2%}, "
+              f"{train['documents_cut']:,} documents cut, {total_tokens / max(seconds, 1e-9) / 1e6:.1f}M tokens/s "
+              f"-> {out_dir}")
+    return 0
