@@ -24,6 +24,10 @@ class PackedDataError(Exception):
     """Packed data missing or not matching its manifest; the message names the command to run."""
 
 
+class PackedDataMissing(PackedDataError):
+    """No pack of this length exists yet."""
+
+
 def check_seq_len(seq_len: int) -> None:
     if seq_len % SEQ_LEN_MULTIPLE or not MIN_SEQ_LEN <= seq_len <= MAX_SEQ_LEN:
         raise ValueError(f"sequence length {seq_len} must be a multiple of {SEQ_LEN_MULTIPLE} from {MIN_SEQ_LEN} "
@@ -64,7 +68,7 @@ class PackedSplit:
         make = f"just pack --seq-len {seq_len}"
         manifest_path = Path(manifests_dir) / f"{manifest_name(seq_len)}.json"
         if not manifest_path.is_file():
-            raise PackedDataError(f"no packed data for length {seq_len} ({manifest_path} missing); run `{make}`")
+            raise PackedDataMissing(f"no packed data for length {seq_len} ({manifest_path} missing); run `{make}`")
         manifest = json.loads(manifest_path.read_text())
         info = manifest["pack"]
         files = split_files(packed_dir, split)

@@ -1,0 +1,213 @@
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.corpus_gen import write_corpus
+from tests.conftest import run_stage
+from train.__main__ import main as train_main
+from train.config import ConfigError, from_dict, load
+from train.packed import PackedSplit
+from train.precision import Precision
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_corpus(root / "in.jsonl", 400_000, seed=31)
+    common = ("--data-dir", root / "data", "--manifests", root / "manifests")
+    assert run_stage("extract-paragraphs", "--input", root / "in.jsonl", *common) == 0
+    assert run_stage("tokenize", "--plain-bpe", "--vocab-size", "384", *common) == 0
+    assert run_stage("pack", "--seq-len", "32,64", *common) == 0
+    return root
+
+
+def write_config(path, steps=(6, 6), **run):
+    """A very small model; stage budgets in optimizer steps of 512 tokens."""
+    raw = load("configs/tiny.toml").to_dict()
+    raw["model"].update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64)
+    raw["optim"].update(tokens_per_step=512, warmup_tokens=1024, lr=1e-2)
+    raw["curriculum"] = [{"seq_len": 32, "tokens": 512 * steps[0], "micro_batch": 8},
+                         {"seq_len": 64, "tokens": 512 * steps[1], "micro_batch": 4}]
+    raw["run"].update(log_every=1, eval_every=1000, eval_rows=32, checkpoint_every=1000, **run)
+    lines = []
+    for section, values in raw.items():
+        if section == "curriculum":
+            continue
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                continue
+            lines.append(f"{key} = {json.dumps(value)}")
+        if section == "precision":
+            lines.append("[precision.map]")
+            lines += [f'{k} = "{v}"' for k, v in values["map"].items()]
+    for stage in raw["curriculum"]:
+        lines += ["[[curriculum]]"] + [f"{k} = {v}" for k, v in stage.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train(packed, config, *extra):
+    return train_main(["--config", str(config), "--data-dir", str(packed / "data"), "--manifests",
+                       str(packed / "manifests"), "--out-dir", str(packed / "runs"), "--device", "cpu", *extra])
+
+
+def losses(packed, run):
+    return [json.loads(line)["loss"] for line in (packed / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls(packed, tmp_path):
+    config = write_config(tmp_path / "c.toml", steps=(25, 5))
+    assert train(packed, config, "--run", "falls") == 0
+    curve = losses(packed, "falls")
+    assert len(curve) == 30
+    assert sum(curve[-5:]) / 5 < curve[0] - 1.0
+    run = packed / "runs/falls"
+    assert {"config.resolved.json", "metrics.jsonl", "checkpoints", "tensorboard"} <= {p.name for p in run.iterdir()}
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb", "val_bpb"} <= set(last)
+    assert (run / "checkpoints/best.pt").exists()
+
+
+def test_exact_resume_across_a_stage_boundary(packed, tmp_path):
+    config = write_config(tmp_path / "c.toml", steps=(5, 5))
+    assert train(packed, config, "--run", "straight") == 0
+    assert train(packed, config, "--run", "split", "--stop-at-step", "3") == 0
+    assert len(losses(packed, "split")) == 3
+    assert train(packed, config, "--run", "split", "--resume") == 0
+    assert losses(packed, "split") == losses(packed, "straight")  # bit-identical, through stage 0 -> 1
+
+
+def test_max_steps_reaches_every_stage(packed, tmp_path):
+    config = write_config(tmp_path / "c.toml", steps=(40, 40))
+    assert train(packed, config, "--run", "short", "--max-steps", "4") == 0
+    stages = [json.loads(l)["seq_len"] for l in (packed / "runs/short/metrics.jsonl").read_text().splitlines()]
+    assert stages == [32, 32, 64, 64]
+
+
+def test_missing_packs_are_listed_before_step_one(packed, tmp_path, capsys):
+    raw = tmp_path / "c.toml"
+    write_config(raw)
+    raw.write_text(raw.read_text().replace("seq_len = 64", "seq_len = 128"))
+    assert train(packed, raw, "--run", "missing") == 2
+    assert "just pack --seq-len 128" in capsys.readouterr().err
+
+
+def test_fp8_without_gpu_is_an_error_not_bf16(packed, tmp_path, capsys):
+    assert train(packed, write_config(tmp_path / "c.toml"), "--run", "fp8", "--precision", "fp8") == 2
+    assert "FP8 needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_existing_run_is_not_overwritten(packed, tmp_path, capsys):
+    config = write_config(tmp_path / "c.toml", steps=(1, 1))
+    assert train(packed, config, "--run", "twice") == 0
+    assert train(packed, config, "--run", "twice") == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"model": {"d_modle": 64}}, "unknown key(s) ['d_modle'] in [model]"),
+    ({"modle": {}}, "unknown section(s) ['modle']"),
+    ({"model": {"n_heads": 3, "n_kv_heads": 2}}, "multiple of n_kv_heads"),
+    ({"precision": {"map": {"q": "fp4"}}}, "fp8 or bf16"),
+    ({"precision": {"map": {"qq": "fp8"}}}, "unknown projection"),
+    ({"optim": {"lr": "fast"}}, "must be a number"),
+    ({"curriculum": []}, "at least one [[curriculum]]"),
+])
+def test_config_errors(raw, message):
+    base = {"curriculum": [{"seq_len": 64, "tokens": 1000, "micro_batch": 2}]}
+    with pytest.raises(ConfigError) as err:
+        from_dict({**base, **raw})
+    assert message in str(err.value)
+
+
+def test_every_preset_loads_and_documents_its_keys():
+    import pathlib
+
+    for path in pathlib.Path("configs").glob("*.toml"):
+        config = load(path)
+        text = path.read_text()
+        for key in ("d_model", "n_kv_heads", "mode", "recipe", "doc_mask", "tokens_per_step", "seq_len"):
+            assert f"{key} =" in text and "#" in text.split(f"{key} =")[1].splitlines()[0] or key == "seq_len"
+        assert config.curriculum
+    small = load("configs/small.toml")
+    assert small.precision.map == {"q": "fp8", "k": "fp8", "v": "fp8", "o": "fp8", "gate": "fp8", "up": "fp8",
+                                   "down": "fp8", "lm_head": "bf16"}
+    assert load("configs/small-q-bf16.toml").precision.map["q"] == "bf16"
+    assert load("configs/yxanul-197m.toml").model.embed_rank == 128
+
+
+class FakeTE(types.SimpleNamespace):
+    """Stands in for transformer_engine.pytorch where it cannot import (no GPU): marks TE modules."""
+
+    class Linear(nn.Linear):
+        def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
+            super().__init__(in_features, out_features, bias=bias, device=device)
+
+
+@pytest.mark.parametrize("preset", ["configs/small.toml", "configs/small-q-bf16.toml"])
+def test_precision_map_decides_each_module(monkeypatch, preset):
+    from train import precision as precision_module
+    from train.model import Transformer
+
+    config = load(preset)
+    config.model.n_layers = 1
+    try:
+        import transformer_engine.pytorch as te  # noqa: F401  (a GPU machine checks the real modules)
+        device = torch.device("cuda")
+        te_linear = te.Linear
+    except ImportError:
+        monkeypatch.setattr(precision_module, "require_transformer_engine", lambda device: FakeTE())
+        device, te_linear = torch.device("cpu"), FakeTE.Linear
+    model = Transformer(config.model, 1000, Precision(config.precision, device), 64)
+    block = model.blocks[0]
+    expected_fused = config.precision.map["q"] == config.precision.map["k"] == config.precision.map["v"]
+    assert hasattr(block.attn, "qkv") == expected_fused
+    projections = {"o": block.attn.o, "down": block.ffn.down, "lm_head": model.lm_head, "gate": block.ffn.gate_up}
+    projections.update({"q": block.attn.qkv} if expected_fused else
+                       {"q": block.attn.q, "k": block.attn.k, "v": block.attn.v})
+    for name, module in projections.items():
+        assert isinstance(module, te_linear) == (config.precision.map[name] == "fp8"), name
+    assert not isinstance(model.embed, te_linear) and type(block.attn_norm).__name__ == "RMSNorm"
+    table = Precision(config.precision, device).table()
+    assert "lm_head  bf16  torch.nn.Linear" in table and "q        " in table
+
+
+def test_bits_per_byte_by_hand(packed):
+    from train.trainer import Distributed, evaluate
+
+    split = PackedSplit.open(packed / "data/packed/seq32", "val", packed / "manifests")
+
+    class Uniform(nn.Module):
+        def forward(self, idx, doc_lens=None):
+            return torch.zeros(*idx.shape, 512)
+
+    precision = Precision(load("configs/tiny.toml").precision, torch.device("cpu"))
+    result = evaluate(Uniform(), split, precision, 8, 0, False, torch.device("cpu"), Distributed())
+    rows = split.rows[:, 1:]
+    targets = int((rows != split.pad_id).sum())
+    assert result["val_tokens"] == targets
+    assert result["val_loss"] == pytest.approx(math.log(512))
+    manifest = json.loads((packed / "manifests/tokenize.json").read_text())
+    assert result["val_bpb"] == pytest.approx(targets * math.log(512) / math.log(2) /
+                                              manifest["tokens"]["splits"]["val"]["utf8_bytes"])
+
+
+def test_document_mask_matches_separate_documents():
+    """With doc_mask, a row of two documents gives each the logits it gets alone."""
+    from train.model import Transformer
+
+    config = load("configs/tiny.toml")
+    config.model.n_layers = 2
+    torch.manual_seed(0)
+    model = Transformer(config.model, 300, Precision(config.precision, torch.device("cpu")), 64)
+    a, b = torch.randint(0, 300, (1, 10)), torch.randint(0, 300, (1, 6))
+    both = model(torch.cat([a, b], dim=1), doc_lens=torch.tensor([10, 6], dtype=torch.int32))
+    assert torch.allclose(both[:, :10], model(a), atol=1e-5)
+    assert torch.allclose(both[:, 10:], model(b), atol=1e-5)

@@ -1,0 +1,201 @@
+"""Training configuration: dataclasses loaded from `configs/*.toml`, unknown keys an error.
+
+Every key is documented in the dataclass fields below and in the preset files. Command-line
+overrides (--precision, --recipe, --max-steps, --run) are applied on top of the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
+PRECISIONS = ("fp8", "bf16", "fp32")
+RECIPES = ("delayed", "current", "block")
+
+
+class ConfigError(Exception):
+    """A configuration the trainer cannot run; the message says which key to change."""
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 768  # residual width
+    n_layers: int = 12  # transformer blocks
+    n_heads: int = 12  # query heads
+    n_kv_heads: int = 4  # key/value heads (grouped-query attention); divides n_heads
+    ffn_dim: int = 2048  # SwiGLU hidden width
+    embed_rank: int = 0  # factorized embeddings of this rank (0: a plain V x d embedding)
+    tie_embeddings: bool = False  # share the input embedding with the output head
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    init_std: float = 0.02  # std of the normal initialisation of weights
+
+
+@dataclass
+class PrecisionConfig:
+    mode: str = "fp8"  # fp8 (Transformer Engine) | bf16 | fp32
+    recipe: str = "delayed"  # FP8 scaling: delayed | current | block (1x128 activations, 128x128 weights)
+    amax_history: int = 16  # delayed scaling: amax history length
+    # Per projection: fp8 or bf16. Embeddings, norms, softmax and the loss are never FP8.
+    map: dict[str, str] = field(default_factory=lambda: {**dict.fromkeys(PROJECTIONS, "fp8"), "lm_head": "bf16"})
+
+
+@dataclass
+class AttentionConfig:
+    doc_mask: bool = False  # attend only within a document (packed rows hold several); positions restart per document
+
+
+@dataclass
+class StageConfig:
+    seq_len: int  # packed length to read (data/packed/seq{N})
+    tokens: int  # token budget of this stage
+    micro_batch: int  # rows per micro-batch per GPU
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # final lr = lr * this
+    weight_decay: float = 0.1  # on matrices only (never on norms, biases, embeddings)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm (0: off)
+    warmup_tokens: int = 0  # linear warmup over this many tokens
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable, then linear decay)
+    decay_fraction: float = 0.2  # wsd: fraction of the tokens spent decaying
+    tokens_per_step: int = 524288  # tokens per optimizer step, all GPUs together; constant across stages
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = "data"  # holds packed/seq{N} and tokens/
+    manifests: str = "manifests"  # holds tokenize.json and pack-seq{N}.json
+    seed: int = 0  # row order of epoch e is a permutation seeded by seed + e
+    verify: bool = False  # also check packed files' sha256 (slow on big data)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # run directory: runs/NAME
+    out_dir: str = "runs"
+    log_every: int = 10  # optimizer steps between metric lines (and loss syncs)
+    eval_every: int = 200  # optimizer steps between validations (and at every stage end)
+    eval_rows: int = 0  # validation rows per evaluation (0: the whole val split)
+    checkpoint_every: int = 500  # optimizer steps between checkpoints (and at every stage end)
+    keep_last: int = 3  # checkpoints kept besides the best
+    max_bad_steps: int = 5  # consecutive NaN/Inf steps that stop the run
+    compile: bool = True  # torch.compile the model for bf16 on a GPU
+    seed: int = 0  # model initialisation seed
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    curriculum: list[StageConfig] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: Any, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{where}]; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        expected = known[name].type
+        if name == "map":
+            bad = sorted(set(value) - set(PROJECTIONS))
+            if bad:
+                raise ConfigError(f"unknown projection(s) {bad} in [precision.map]; known: {list(PROJECTIONS)}")
+            value = {**PrecisionConfig().map, **value}
+        elif expected in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{where}.{name} must be a number, got {value!r}")
+        elif expected == "int" and isinstance(value, float):
+            raise ConfigError(f"{where}.{name} must be an integer, got {value!r}")
+        elif expected == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{name} must be true or false, got {value!r}")
+        elif expected == "str" and not isinstance(value, str):
+            raise ConfigError(f"{where}.{name} must be a string, got {value!r}")
+        kwargs[name] = float(value) if expected == "float" else value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"[{where}]: {err}") from None
+
+
+def from_dict(raw: dict[str, Any]) -> TrainConfig:
+    sections = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - sections)
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; known: {sorted(sections)}")
+    stages = raw.get("curriculum", [])
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError("the config needs at least one [[curriculum]] stage (seq_len, tokens, micro_batch)")
+    config = TrainConfig(
+        model=_build(ModelConfig, raw.get("model", {}), "model"),
+        precision=_build(PrecisionConfig, raw.get("precision", {}), "precision"),
+        attention=_build(AttentionConfig, raw.get("attention", {}), "attention"),
+        curriculum=[_build(StageConfig, s, f"curriculum.{i}") for i, s in enumerate(stages)],
+        optim=_build(OptimConfig, raw.get("optim", {}), "optim"),
+        data=_build(DataConfig, raw.get("data", {}), "data"),
+        run=_build(RunConfig, raw.get("run", {}), "run"))
+    validate(config)
+    return config
+
+
+def load(path: Path) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config {path} not found; presets live in configs/ (tiny, small, yxanul-197m, base)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    return from_dict(raw)
+
+
+def validate(config: TrainConfig) -> None:
+    m, p, o = config.model, config.precision, config.optim
+    if m.n_heads % m.n_kv_heads or m.d_model % m.n_heads:
+        raise ConfigError(f"model: n_heads ({m.n_heads}) must be a multiple of n_kv_heads ({m.n_kv_heads}) and "
+                          f"divide d_model ({m.d_model})")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError("model: head dimension d_model / n_heads must be even (RoPE)")
+    if p.mode not in PRECISIONS:
+        raise ConfigError(f"precision.mode {p.mode!r} must be one of {PRECISIONS}")
+    if p.recipe not in RECIPES:
+        raise ConfigError(f"precision.recipe {p.recipe!r} must be one of {RECIPES}")
+    bad = {k: v for k, v in p.map.items() if v not in ("fp8", "bf16")}
+    if bad:
+        raise ConfigError(f"precision.map values must be fp8 or bf16, got {bad}")
+    if o.schedule not in ("cosine", "wsd"):
+        raise ConfigError(f"optim.schedule {o.schedule!r} must be cosine or wsd")
+    for i, stage in enumerate(config.curriculum):
+        if stage.seq_len <= 0 or stage.tokens <= 0 or stage.micro_batch <= 0:
+            raise ConfigError(f"curriculum stage {i}: seq_len, tokens and micro_batch must be positive")
+
+
+def apply_overrides(config: TrainConfig, precision: str | None = None, recipe: str | None = None,
+                    run_name: str | None = None) -> TrainConfig:
+    if precision is not None:
+        config.precision.mode = precision
+    if recipe is not None:
+        config.precision.recipe = recipe
+    if run_name is not None:
+        config.run.name = run_name
+    validate(config)
+    return config

@@ -1,0 +1,114 @@
+"""Explicit precision, DeepSeek-V3 style: which projection runs in FP8, and how.
+
+`--precision fp8` builds every projection the map marks `fp8` as a Transformer Engine `te.Linear`
+(FP32 master weights) run under `te.autocast` with the chosen recipe; projections marked `bf16`,
+and embeddings, norms, softmax and the loss, stay torch modules under BF16 autocast (the loss in
+FP32). Transformer Engine is imported only here and only when FP8 is asked for. Anything that
+keeps FP8 from running is an error, never a silent fallback to BF16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from train.config import PROJECTIONS, ConfigError, PrecisionConfig
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """What one projection will be built as."""
+
+    name: str
+    fmt: str  # "fp8" or "bf16"/"fp32" (a torch module)
+
+    @property
+    def is_te(self) -> bool:
+        return self.fmt == "fp8"
+
+
+class Precision:
+    """The run's precision: module factory, autocast context and the table printed at start."""
+
+    def __init__(self, config: PrecisionConfig, device: torch.device):
+        self.config = config
+        self.mode = config.mode
+        self.device = device
+        self.te = None
+        if self.mode == "fp8":
+            self.te = require_transformer_engine(device)
+
+    def plan(self, name: str) -> LinearPlan:
+        if self.mode != "fp8":
+            return LinearPlan(name, self.mode)
+        return LinearPlan(name, self.config.map[name])
+
+    def linear(self, name: str, in_features: int, out_features: int) -> nn.Module:
+        if self.plan(name).is_te:
+            return self.te.Linear(in_features, out_features, bias=False, params_dtype=torch.float32,
+                                  device=self.device)
+        return nn.Linear(in_features, out_features, bias=False, device=self.device)
+
+    def recipe(self):
+        from transformer_engine.common import recipe
+
+        if self.config.recipe == "delayed":
+            return recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID, amax_history_len=self.config.amax_history,
+                                         amax_compute_algo="max")
+        if self.config.recipe == "current":
+            return recipe.Float8CurrentScaling(fp8_format=recipe.Format.HYBRID)
+        return recipe.Float8BlockScaling()
+
+    def autocast(self, group=None):
+        """The forward context of one micro-batch."""
+        if self.mode == "fp32":
+            return contextlib.nullcontext()
+        bf16 = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        if self.mode == "bf16":
+            return bf16
+        stack = contextlib.ExitStack()
+        stack.enter_context(bf16)
+        if hasattr(self.te, "autocast"):  # TE >= 2.9
+            stack.enter_context(self.te.autocast(enabled=True, recipe=self.recipe(), amax_reduction_group=group))
+        else:
+            stack.enter_context(self.te.fp8_autocast(enabled=True, fp8_recipe=self.recipe(), fp8_group=group))
+        return stack
+
+    def table(self) -> str:
+        rows = [f"  {name:<8} {self.plan(name).fmt:<5} {'te.Linear' if self.plan(name).is_te else 'torch.nn.Linear'}"
+                for name in PROJECTIONS]
+        recipe = f", recipe {self.config.recipe}" if self.mode == "fp8" else ""
+        return "\n".join([f"precision {self.mode}{recipe}:", *rows,
+                          "  embeddings, norms, softmax, loss: never FP8 (loss in fp32)"])
+
+    def check_shapes(self, shapes: dict[str, tuple[int, int]], tokens_per_micro_batch: int, where: str) -> None:
+        """FP8 GEMMs need dims divisible by 16 and token counts divisible by 8 (128 for block scaling)."""
+        if self.mode != "fp8":
+            return
+        multiple = 128 if self.config.recipe == "block" else 8
+        if tokens_per_micro_batch % multiple:
+            raise ConfigError(f"{where}: FP8 ({self.config.recipe}) needs micro_batch x seq_len divisible by {multiple}, "
+                              f"got {tokens_per_micro_batch}; change micro_batch or seq_len")
+        block = 128 if self.config.recipe == "block" else 16
+        for name, (fan_in, fan_out) in shapes.items():
+            if self.plan(name).is_te and (fan_in % block or fan_out % block):
+                raise ConfigError(f"FP8 ({self.config.recipe}) needs the dims of `{name}` ({fan_in}x{fan_out}) divisible "
+                                  f"by {block}; change the model width or set precision.map.{name} = \"bf16\"")
+
+
+def require_transformer_engine(device: torch.device):
+    if device.type != "cuda":
+        raise ConfigError("FP8 needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper, Blackwell); none is "
+                          "available here: use --precision bf16 (or fp32 on the CPU)")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ConfigError(f"FP8 needs compute capability 8.9+, this GPU has {major}.{minor}: use --precision bf16")
+    try:
+        import transformer_engine.pytorch as te
+    except ImportError as err:
+        raise ConfigError(f"FP8 needs NVIDIA Transformer Engine (`pip install transformer-engine[pytorch]`), which "
+                          f"does not import here ({err}); or use --precision bf16") from None
+    return te

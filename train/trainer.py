@@ -1,0 +1,375 @@
+"""The training loop: sequence-length curriculum over packed memmaps, FP8 or BF16, DDP-ready.
+
+Tokens per optimizer step are constant across stages; gradient accumulation is derived per stage.
+Loss values are synced to the host only every `log_every` steps (one finiteness check of the
+gradient norm per step decides whether a NaN/Inf step is skipped). Validation reports nats/token
+and bits per byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from train import checkpoint
+from train.config import ConfigError, TrainConfig
+from train.loader import IGNORE_INDEX, PackedLoader, make_batch
+from train.model import Transformer, cross_entropy
+from train.packed import PackedDataError, PackedDataMissing, PackedSplit, check_seq_len
+from train.precision import Precision
+
+H100_BF16_DENSE_FLOPS = 989e12
+
+
+class TrainError(Exception):
+    """The run cannot go on; the message says why and what to change."""
+
+
+@dataclass
+class Stage:
+    index: int
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    steps: int
+    first_step: int  # global optimizer step at which this stage starts (0-based)
+    train: PackedSplit
+    val: PackedSplit
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        if "RANK" not in os.environ:
+            return cls()
+        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def stage_steps(config: TrainConfig, max_steps: int | None) -> list[int]:
+    """Optimizer steps per stage: its token budget / tokens per step; --max-steps scales them all."""
+    tokens_per_step = config.optim.tokens_per_step
+    steps = [max(1, stage.tokens // tokens_per_step) for stage in config.curriculum]
+    if max_steps is None or max_steps >= sum(steps):
+        return steps
+    if max_steps < len(steps):
+        raise ConfigError(f"--max-steps {max_steps} is fewer than the {len(steps)} curriculum stages")
+    scaled = [max(1, int(s * max_steps / sum(steps))) for s in steps]
+    scaled[-1] += max_steps - sum(scaled)
+    return scaled
+
+
+def plan_stages(config: TrainConfig, world_size: int, max_steps: int | None, verify: bool = False) -> list[Stage]:
+    """Check every pack the curriculum needs before step 1; derive gradient accumulation per stage."""
+    data_dir, manifests = Path(config.data.data_dir), Path(config.data.manifests)
+    splits, missing = {}, []
+    for stage in config.curriculum:
+        try:
+            check_seq_len(stage.seq_len)
+        except ValueError as err:
+            raise ConfigError(f"curriculum: {err}") from None
+        try:
+            splits[stage.seq_len] = tuple(PackedSplit.open(data_dir / "packed" / f"seq{stage.seq_len}", split,
+                                                           manifests, verify=verify) for split in ("train", "val"))
+        except PackedDataMissing:
+            missing.append(stage.seq_len)
+    if missing:
+        lengths = ",".join(str(n) for n in sorted(set(missing)))
+        raise PackedDataError(f"the curriculum needs packed data that is missing for length(s) {lengths}; run "
+                              f"`just pack --seq-len {lengths}`" + (f" --data-dir {data_dir}" if str(data_dir) != "data" else ""))
+    fingerprints = {s[0].tokenizer_sha256 for s in splits.values()}
+    if len(fingerprints) > 1:
+        raise PackedDataError("the packs were made from different tokenizers; rerun `just pack` for every length")
+    tokens_per_step = config.optim.tokens_per_step
+    stages, first = [], 0
+    for index, (stage, steps) in enumerate(zip(config.curriculum, stage_steps(config, max_steps))):
+        per_micro = stage.micro_batch * stage.seq_len * world_size
+        if tokens_per_step % per_micro:
+            raise ConfigError(f"optim.tokens_per_step ({tokens_per_step}) must be a multiple of micro_batch x seq_len x "
+                              f"GPUs for stage {index} ({stage.micro_batch} x {stage.seq_len} x {world_size})")
+        train, val = splits[stage.seq_len]
+        stages.append(Stage(index, stage.seq_len, stage.micro_batch, tokens_per_step // per_micro, steps, first,
+                            train, val))
+        first += steps
+    return stages
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Warmup then cosine or WSD, as a function of tokens seen."""
+    o = config.optim
+    tokens, total = step * o.tokens_per_step, total_steps * o.tokens_per_step
+    floor = o.lr * o.min_lr_ratio
+    if o.warmup_tokens and tokens < o.warmup_tokens:
+        return o.lr * (tokens + o.tokens_per_step) / (o.warmup_tokens + o.tokens_per_step)
+    if o.schedule == "wsd":
+        decay_start = total * (1 - o.decay_fraction)
+        if tokens < decay_start:
+            return o.lr
+        return floor + (o.lr - floor) * max(0.0, (total - tokens) / max(total - decay_start, 1))
+    progress = min(1.0, (tokens - o.warmup_tokens) / max(total - o.warmup_tokens, 1))
+    return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on projection matrices only: never on norms, biases or embeddings."""
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate(model, split: PackedSplit, precision: Precision, micro_batch: int, max_rows: int, doc_mask: bool,
+             device: torch.device, dist_info: Distributed) -> dict[str, float]:
+    """Validation loss (nats/token) and bits per byte over the val split (or its first max_rows)."""
+    n_rows = split.n_rows if not max_rows else min(max_rows, split.n_rows)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    model.eval()
+    for start in range(dist_info.rank * micro_batch, n_rows, micro_batch * dist_info.world_size):
+        rows = torch.arange(start, min(start + micro_batch, n_rows)).numpy()
+        batch = make_batch(split, rows, pin=False).to(device)
+        with precision.autocast():
+            logits = model(batch.inputs, batch.doc_lens if doc_mask else None)
+        nll += cross_entropy(logits, batch.targets, reduction="sum").double()
+        count += (batch.targets != IGNORE_INDEX).sum()
+    model.train()
+    if dist_info.world_size > 1:
+        for t in (nll, count):
+            dist.all_reduce(t)
+    total_targets = split_targets(split, n_rows)
+    evaluated_bytes = split.utf8_bytes * (total_targets / split_targets(split, split.n_rows))
+    nll_sum, n = float(nll), float(count)
+    return {"val_loss": nll_sum / max(n, 1), "val_bpb": nll_sum / math.log(2) / max(evaluated_bytes, 1),
+            "val_tokens": n}
+
+
+def split_targets(split: PackedSplit, n_rows: int) -> int:
+    """Non-padding targets in the first n_rows rows (row[1:] of each)."""
+    total = 0
+    for start in range(0, n_rows, 4096):
+        block = split.rows[start:min(start + 4096, n_rows), 1:]
+        total += int((block != split.pad_id).sum())
+    return total
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, run_dir: Path, device: torch.device, max_steps: int | None = None,
+                 resume: bool = False, stop_at_step: int | None = None, dist_info: Distributed | None = None):
+        self.config, self.run_dir, self.device = config, run_dir, device
+        self.dist = dist_info or Distributed()
+        self.stop_at_step = stop_at_step
+        self.stages = plan_stages(config, self.dist.world_size, max_steps, verify=config.data.verify)
+        self.total_steps = sum(s.steps for s in self.stages)
+        self.precision = Precision(config.precision, device)
+        vocab = json.loads((Path(config.data.manifests) / f"pack-seq{self.stages[0].seq_len}.json").read_text())
+        self.vocab_size = vocab["pack"]["vocab_size"]
+        self.tokenizer_sha256 = self.stages[0].train.tokenizer_sha256
+        torch.manual_seed(config.run.seed)
+        max_len = max(s.seq_len for s in self.stages)
+        self.model = Transformer(config.model, self.vocab_size, self.precision, max_positions=max_len).to(device)
+        for stage in self.stages:
+            self.precision.check_shapes(self.projection_shapes(), stage.micro_batch * stage.seq_len,
+                                        f"curriculum stage {stage.index}")
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.optim.weight_decay), lr=config.optim.lr,
+                                           betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps,
+                                           fused=device.type == "cuda")
+        self.step, self.positions, self.bad_steps, self.skipped_steps = 0, {}, 0, 0
+        self.best_val = math.inf
+        if resume:
+            self.load_latest()
+        self.forward_model = self.wrap_model()
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        m = self.config.model
+        head_dim = m.d_model // m.n_heads
+        return {"q": (m.d_model, m.n_heads * head_dim), "k": (m.d_model, m.n_kv_heads * head_dim),
+                "v": (m.d_model, m.n_kv_heads * head_dim), "o": (m.n_heads * head_dim, m.d_model),
+                "gate": (m.d_model, m.ffn_dim), "up": (m.d_model, m.ffn_dim), "down": (m.ffn_dim, m.d_model),
+                "lm_head": (m.embed_rank or m.d_model, self.model.vocab_size)}
+
+    def wrap_model(self):
+        model = self.model
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.precision.mode == "bf16" and self.device.type == "cuda" and self.config.run.compile:
+            model = torch.compile(model)
+        return model
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "positions": self.positions, "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps,
+                "best_val": self.best_val, "rng": checkpoint.rng_state(), "config": self.config.to_dict(),
+                "tokenizer_sha256": self.tokenizer_sha256, "vocab_size": self.vocab_size,
+                "stage": self.stage_at(self.step).index if self.step < self.total_steps else len(self.stages) - 1}
+
+    def save(self, is_best: bool = False) -> None:
+        if self.dist.is_main:
+            checkpoint.save(self.run_dir / "checkpoints", self.step, self.state(), self.config.run.keep_last, is_best)
+
+    def load_latest(self) -> None:
+        path = checkpoint.latest(self.run_dir / "checkpoints")
+        if path is None:
+            raise TrainError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        state = checkpoint.load(path, map_location=self.device)
+        if state["tokenizer_sha256"] != self.tokenizer_sha256:
+            raise TrainError(f"{path} was trained with another tokenizer than the current packs; refusing to mix")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.positions = state["step"], state["positions"]
+        self.bad_steps, self.skipped_steps, self.best_val = state["bad_steps"], state["skipped_steps"], state["best_val"]
+        checkpoint.restore_rng(state["rng"])
+        self.log_line(f"resumed from {path} at step {self.step}")
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists() and self.dist.is_main:  # drop lines of the interrupted run past the checkpoint
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+
+    # ---------------------------------------------------------------------------------------- running
+
+    def stage_at(self, step: int) -> Stage:
+        return next(s for s in self.stages if s.first_step <= step < s.first_step + s.steps)
+
+    def log_line(self, text: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(text)
+
+    def run(self) -> dict:
+        """Train to the end of the curriculum (or stop_at_step); return the last metrics."""
+        self.log_line(self.precision.table())
+        for stage in self.stages:
+            self.log_line(f"stage {stage.index}: seq {stage.seq_len}, micro-batch {stage.micro_batch}, "
+                          f"grad accum {stage.grad_accum}, {stage.steps} steps")
+        writer = None
+        if self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main)
+        metrics: dict = {}
+        try:
+            while self.step < self.total_steps:
+                if self.stop_at_step is not None and self.step >= self.stop_at_step:
+                    break
+                stage = self.stage_at(self.step)
+                metrics = self.train_stage(stage, bar, writer)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        return metrics
+
+    def train_stage(self, stage: Stage, bar, writer) -> dict:
+        cfg = self.config
+        loader = PackedLoader(stage.train, batch_rows=stage.micro_batch * self.dist.world_size, seed=cfg.data.seed,
+                              rank=self.dist.rank, world_size=self.dist.world_size,
+                              position=self.positions.get(str(stage.index), 0), device=self.device)
+        flops_per_token = self.model.flops_per_token(stage.seq_len)
+        tokens_per_step = cfg.optim.tokens_per_step
+        group = dist.group.WORLD if self.dist.world_size > 1 else None
+        loss_sum = torch.zeros((), device=self.device)
+        window_start, window_steps, last = time.perf_counter(), 0, {}
+        end = stage.first_step + stage.steps
+        try:
+            while self.step < end and (self.stop_at_step is None or self.step < self.stop_at_step):
+                lr = learning_rate(cfg, self.step, self.total_steps)
+                for group_ in self.optimizer.param_groups:
+                    group_["lr"] = lr
+                step_loss = torch.zeros((), device=self.device)
+                for micro in range(stage.grad_accum):
+                    batch = next(loader)
+                    no_sync = (self.dist.world_size > 1 and micro < stage.grad_accum - 1)
+                    with (self.forward_model.no_sync() if no_sync else contextlib.nullcontext()):
+                        with self.precision.autocast(group):
+                            logits = self.forward_model(batch.inputs,
+                                                        batch.doc_lens if cfg.attention.doc_mask else None)
+                        loss = cross_entropy(logits, batch.targets) / stage.grad_accum
+                        loss.backward()
+                    step_loss += loss.detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                           cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+                if not bool(torch.isfinite(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.bad_steps += 1
+                    self.skipped_steps += 1
+                    self.log_line(f"step {self.step + 1}: non-finite loss or gradient, step skipped "
+                                  f"({self.bad_steps} in a row)")
+                    if self.bad_steps >= cfg.run.max_bad_steps:
+                        raise TrainError(f"{self.bad_steps} non-finite steps in a row; stopped. The last good checkpoint "
+                                         f"is in {self.run_dir / 'checkpoints'}; lower optim.lr or check the data")
+                else:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.bad_steps = 0
+                    loss_sum += step_loss
+                    window_steps += 1
+                self.step += 1
+                self.positions[str(stage.index)] = loader.position
+                bar.update(1)
+                stage_end = self.step == end
+                if self.step % cfg.run.log_every == 0 or stage_end:
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                    last = {"step": self.step, "stage": stage.index, "seq_len": stage.seq_len,
+                            "tokens": self.step * tokens_per_step,
+                            "loss": float(loss_sum) / max(window_steps, 1), "lr": lr, "grad_norm": float(grad_norm),
+                            "tokens_per_s": tokens_per_s,
+                            "mfu": flops_per_token * tokens_per_s / (H100_BF16_DENSE_FLOPS * self.dist.world_size)
+                            if self.device.type == "cuda" else 0.0,
+                            "memory_gb": torch.cuda.max_memory_allocated(self.device) / 2**30
+                            if self.device.type == "cuda" else 0.0,
+                            "skipped_steps": self.skipped_steps}
+                    bar.set_postfix_str(f"stage {stage.index} loss {last['loss']:.3f} {tokens_per_s / 1e3:.1f}k tok/s "
+                                        f"MFU {last['mfu']:.1%}")
+                    loss_sum.zero_()
+                    window_start, window_steps = time.perf_counter(), 0
+                    if self.step % cfg.run.eval_every == 0 or stage_end:
+                        last.update(evaluate(self.forward_model, stage.val, self.precision, stage.micro_batch,
+                                             cfg.run.eval_rows, cfg.attention.doc_mask, self.device, self.dist))
+                        self.log_line(f"step {self.step}: val loss {last['val_loss']:.4f}, val bpb {last['val_bpb']:.4f}")
+                    self.write_metrics(last, writer)
+                if self.step % cfg.run.checkpoint_every == 0 or stage_end or self.step == self.stop_at_step:
+                    is_best = "val_loss" in last and last["step"] == self.step and last["val_loss"] < self.best_val
+                    if is_best:
+                        self.best_val = last["val_loss"]
+                    self.save(is_best)
+        except torch.OutOfMemoryError:
+            raise TrainError(f"CUDA out of memory at stage {stage.index} (seq {stage.seq_len}, micro-batch "
+                             f"{stage.micro_batch}): lower curriculum[{stage.index}].micro_batch (gradient accumulation "
+                             f"keeps the tokens per step)") from None
+        finally:
+            loader.close()
+        return last
+
+    def write_metrics(self, metrics: dict, writer) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "step":
+                writer.add_scalar(key, value, metrics["step"])
