@@ -55,3 +55,7 @@ bench-loader *args:
 # run the test suite
 test *args:
     {{python}} -m pytest "$@"
+
+# precision modes side by side on the GPU (tokens/s, MFU, memory, loss, bpb) into docs/benchmarks.md
+bench-train *args:
+    {{python}} -m train.bench_train "$@"

@@ -111,6 +111,17 @@ def test_existing_run_is_not_overwritten(packed, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_set_overrides(tmp_path):
+    from train.config import apply_settings
+
+    config = apply_settings(load("configs/tiny.toml"), ["optim.tokens_per_step=65536", "curriculum.1.micro_batch=4",
+                                                        "precision.map.q=\"bf16\"", "run.name=other"])
+    assert (config.optim.tokens_per_step, config.curriculum[1].micro_batch) == (65536, 4)
+    assert (config.precision.map["q"], config.run.name) == ("bf16", "other")
+    with pytest.raises(ConfigError, match="unknown key"):
+        apply_settings(load("configs/tiny.toml"), ["optim.learning_rate=1"])
+
+
 @pytest.mark.parametrize("raw,message", [
     ({"model": {"d_modle": 64}}, "unknown key(s) ['d_modle'] in [model]"),
     ({"modle": {}}, "unknown section(s) ['modle']"),

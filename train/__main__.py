@@ -13,7 +13,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from train.config import PRECISIONS, RECIPES, ConfigError, apply_overrides, load
+from train.config import PRECISIONS, RECIPES, ConfigError, apply_overrides, apply_settings, load
 from train.packed import PackedDataError
 
 
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--manifests", default=None, help="override data.manifests")
     parser.add_argument("--out-dir", default=None, help="override run.out_dir (default runs)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any config key, e.g. --set optim.tokens_per_step=65536 (repeatable)")
     parser.add_argument("--force", action="store_true", help="replace an existing run directory of the same name")
     return parser
 
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dist_info = Distributed.from_env()
     try:
-        config = apply_overrides(load(args.config), args.precision, args.recipe, args.run)
+        config = apply_overrides(apply_settings(load(args.config), args.set), args.precision, args.recipe, args.run)
         if args.data_dir:
             config.data.data_dir = args.data_dir
         if args.manifests:

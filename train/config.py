@@ -189,6 +189,25 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"curriculum stage {i}: seq_len, tokens and micro_batch must be positive")
 
 
+def apply_settings(config: TrainConfig, settings: list[str]) -> TrainConfig:
+    """Apply `section.key=value` overrides (value in TOML syntax), e.g. optim.tokens_per_step=65536."""
+    raw = config.to_dict()
+    for setting in settings:
+        path, sep, text = setting.partition("=")
+        keys = path.strip().split(".")
+        if not sep or len(keys) not in (2, 3):
+            raise ConfigError(f"--set {setting!r}: expected section.key=value (curriculum.N.key=value for a stage)")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()  # a bare word is a string
+        target = raw
+        for key in keys[:-1]:
+            target = target[int(key)] if isinstance(target, list) else target.setdefault(key, {})
+        target[keys[-1]] = value
+    return from_dict(raw)
+
+
 def apply_overrides(config: TrainConfig, precision: str | None = None, recipe: str | None = None,
                     run_name: str | None = None) -> TrainConfig:
     if precision is not None:

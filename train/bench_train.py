@@ -1,0 +1,92 @@
+"""`just bench-train`: the same model and packed data for a fixed number of steps in each precision
+mode, side by side in one run; a markdown table of tokens/s, MFU (against 989 TFLOP/s dense BF16),
+peak memory, the loss curve's start and end, and the final val bpb, written to docs/benchmarks.md.
+
+Each mode trains in its own process (fresh memory peak, fresh compile cache) with the same seed,
+tokens per step and data order, so losses compare at equal tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = {  # name -> trainer arguments
+    "bf16-compiled": ["--precision", "bf16"],
+    "fp8-delayed": ["--precision", "fp8", "--recipe", "delayed"],
+    "fp8-current": ["--precision", "fp8", "--recipe", "current"],
+    "fp8-block": ["--precision", "fp8", "--recipe", "block"],
+}
+
+
+def summarize(run_dir: Path) -> dict:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = lines[2:] if len(lines) > 4 else lines  # the first windows hold compilation and warm-up
+    evals = [m for m in lines if "val_bpb" in m]
+    return {"tokens_per_s": sum(m["tokens_per_s"] for m in timed) / len(timed),
+            "mfu": sum(m["mfu"] for m in timed) / len(timed), "memory_gb": max(m["memory_gb"] for m in lines),
+            "loss_start": lines[0]["loss"], "loss_end": lines[-1]["loss"], "steps": lines[-1]["step"],
+            "tokens": lines[-1]["tokens"], "val_bpb": evals[-1]["val_bpb"] if evals else float("nan")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="just bench-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="configs/small.toml", help="presets to run, comma separated")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma separated, of {list(MODES)}")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (curriculum scaled alike)")
+    parser.add_argument("--set", action="append", default=[], help="config overrides passed to every run")
+    parser.add_argument("--out-dir", default="runs/bench", help="where the runs go")
+    parser.add_argument("--title", default="Train", help="section title in docs/benchmarks.md")
+    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args(argv)
+    from pipeline.bench_report import markdown_table, update_section
+
+    rows = []
+    for config in args.configs.split(","):
+        for mode in args.modes.split(","):
+            name = f"{Path(config).stem}-{mode}"
+            command = [sys.executable, "-m", "train", "--config", config, *MODES[mode], "--max-steps", str(args.steps),
+                       "--run", name, "--out-dir", args.out_dir, "--force"] + [f"--set={s}" for s in args.set]
+            print(f"bench-train: {' '.join(command[1:])}", flush=True)
+            started = time.perf_counter()
+            result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+            wall = time.perf_counter() - started
+            if result.returncode != 0:
+                error = (result.stderr.strip().splitlines() or ["?"])[-1]
+                rows.append([Path(config).stem, mode, "failed: " + error[:150], "", "", "", "", "", ""])
+                print(result.stderr[-3000:], flush=True)
+                continue
+            s = summarize(Path(args.out_dir) / name)
+            rows.append([Path(config).stem, mode, f"{s['tokens_per_s'] / 1e3:.0f}k", f"{s['mfu']:.1%}",
+                         f"{s['memory_gb']:.1f}", f"{s['loss_start']:.3f} -> {s['loss_end']:.3f}",
+                         f"{s['val_bpb']:.4f}", f"{s['steps']} / {s['tokens'] / 1e6:.1f}M", f"{wall:.0f}"])
+            print(" | ".join(rows[-1]), flush=True)
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    versions = f"torch {torch.__version__}"
+    try:
+        import transformer_engine
+
+        versions += f", Transformer Engine {transformer_engine.__version__}"
+    except ImportError:
+        pass
+    table = markdown_table(["preset", "mode", "tokens/s", "MFU", "peak GB", "loss start -> end", "val bpb",
+                            "steps / tokens", "wall s"], rows)
+    body = (f"`python -m train.bench_train --configs {args.configs} --modes {args.modes} --steps {args.steps}"
+            + "".join(f" --set {s}" for s in args.set) + f"` on {device} ({time.strftime('%Y-%m-%d')}, {versions}).\n\n"
+            f"{table}\n\ntokens/s and MFU average the logged windows after the first two (compilation, warm-up); "
+            "MFU counts 6 x matmul parameters + attention FLOPs per token against 989 TFLOP/s.")
+    print(body)
+    if not args.no_doc:
+        update_section(args.title, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
