@@ -1,8 +1,9 @@
 # frlm: every recipe forwards its arguments, e.g. `just pack --seq-len 128`.
-# Run through uv so no system `just` is needed: `uv run just RECIPE ...`.
+# Run through uv so no system `just` is needed: `python3 -m uv run just RECIPE ...`.
 set positional-arguments
 
-python := "uv run --no-sync python"
+# the project's environment: the one `uv run` activated, else ./.venv
+python := env_var_or_default("VIRTUAL_ENV", justfile_directory() / ".venv") / "bin/python"
 
 # list the recipes
 default:

@@ -33,12 +33,14 @@ class LinearPlan:
 class Precision:
     """The run's precision: module factory, autocast context and the table printed at start."""
 
-    def __init__(self, config: PrecisionConfig, device: torch.device):
+    def __init__(self, config: PrecisionConfig, device: torch.device, torch_modules_only: bool = False):
+        """`torch_modules_only` keeps the structure the map implies (which projections are fused)
+        but builds torch modules: for sampling from an FP8-trained checkpoint without TE."""
         self.config = config
         self.mode = config.mode
         self.device = device
         self.te = None
-        if self.mode == "fp8":
+        if self.mode == "fp8" and not torch_modules_only:
             self.te = require_transformer_engine(device)
 
     def plan(self, name: str) -> LinearPlan:
@@ -47,7 +49,7 @@ class Precision:
         return LinearPlan(name, self.config.map[name])
 
     def linear(self, name: str, in_features: int, out_features: int) -> nn.Module:
-        if self.plan(name).is_te:
+        if self.plan(name).is_te and self.te is not None:
             return self.te.Linear(in_features, out_features, bias=False, params_dtype=torch.float32,
                                   device=self.device)
         return nn.Linear(in_features, out_features, bias=False, device=self.device)
