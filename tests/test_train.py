@@ -222,3 +222,32 @@ def test_document_mask_matches_separate_documents():
     both = model(torch.cat([a, b], dim=1), doc_lens=torch.tensor([10, 6], dtype=torch.int32))
     assert torch.allclose(both[:, :10], model(a), atol=1e-5)
     assert torch.allclose(both[:, 10:], model(b), atol=1e-5)
+
+
+def torchrun(packed, config, nproc, *extra, timeout=300):
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+               "-m", "train", "--config", str(config), "--data-dir", str(packed / "data"), "--manifests",
+               str(packed / "manifests"), "--out-dir", str(packed / "runs"), "--device", "cpu", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_two_process_gloo_matches_one_process_and_resumes_across_world_sizes(packed, tmp_path):
+    config = write_config(tmp_path / "c.toml", steps=(4, 4))
+    assert train(packed, config, "--run", "one") == 0
+    result = torchrun(packed, config, 2, "--run-name", "two")
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = losses(packed, "one"), losses(packed, "two")
+    assert len(two) == 8 and two == pytest.approx(one, rel=2e-3)  # same rows per step, split across ranks
+    # a 2-process checkpoint resumes on 1 process, and the other way round
+    assert torchrun(packed, config, 2, "--run-name", "two-then-one", "--stop-at-step", "3").returncode == 0
+    assert train(packed, config, "--run-name", "two-then-one", "--resume") == 0
+    assert losses(packed, "two-then-one") == pytest.approx(one, rel=2e-3)
+    assert train(packed, config, "--run", "one-then-two", "--stop-at-step", "5") == 0
+    result = torchrun(packed, config, 2, "--run-name", "one-then-two", "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert losses(packed, "one-then-two") == pytest.approx(one, rel=2e-3)

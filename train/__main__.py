@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", choices=RECIPES, default=None, help="override the FP8 scaling recipe")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="train this many optimizer steps in all, each stage's share scaled down alike")
-    parser.add_argument("--run", default=None, help="run name: outputs go to runs/NAME (default: run.name)")
+    parser.add_argument("--run", "--run-name", dest="run", default=None,
+                        help="run name: outputs go to runs/NAME (default: run.name); under torchrun write --run-name, "
+                             "since torchrun reads --run as its own --run-path")
     parser.add_argument("--resume", action="store_true", help="continue runs/NAME exactly from its last checkpoint")
     parser.add_argument("--stop-at-step", type=int, default=None,
                         help="checkpoint and stop after this step without changing the schedule (resume later)")
@@ -41,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_on_sigterm(rank: int, run_name: str) -> None:
+    """torchrun stops the other ranks with SIGTERM when one fails: say so in one line and exit."""
+    def handler(signum, frame):
+        print(f"error: train: rank {rank} stopped by SIGTERM (another rank failed, or the job was stopped); the last "
+              f"checkpoint in runs/{run_name}/checkpoints is intact: --resume continues", file=sys.stderr, flush=True)
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
@@ -48,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from train.trainer import Distributed, Trainer, TrainError
 
     dist_info = Distributed.from_env()
+    if dist_info.world_size > 1:
+        stop_on_sigterm(dist_info.rank, args.run or args.config.stem)
     try:
         config = apply_overrides(apply_settings(load(args.config), args.set), args.precision, args.recipe, args.run)
         if args.data_dir:

@@ -70,7 +70,11 @@ class PackedLoader:
     """Iterates this rank's share of global batches of a packed split, from `position` on."""
 
     def __init__(self, split: PackedSplit, batch_rows: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 position: int = 0, device: torch.device | str = "cpu", prefetch: int = 4):
+                 position: int = 0, device: torch.device | str = "cpu", prefetch: int = 4,
+                 epoch_multiple: int | None = None):
+        """`epoch_multiple`: an epoch holds a whole number of these rows (default batch_rows). The
+        trainer passes the rows of one optimizer step, which do not depend on the GPU count, so a
+        checkpoint resumes on any number of GPUs with the same data order."""
         if batch_rows % world_size:
             raise ValueError(f"global batch of {batch_rows} rows is not divisible by {world_size} ranks")
         if batch_rows > split.n_rows:
@@ -80,7 +84,11 @@ class PackedLoader:
         self.rank, self.world_size = rank, world_size
         self.position = position
         self.device = torch.device(device)
-        self.rows_per_epoch = (split.n_rows // batch_rows) * batch_rows  # the last partial batch is dropped
+        multiple = epoch_multiple or batch_rows
+        if multiple % batch_rows or multiple > split.n_rows:
+            raise ValueError(f"an epoch must hold whole batches: {multiple} rows vs batches of {batch_rows} "
+                             f"and {split.n_rows} rows in seq{split.seq_len}")
+        self.rows_per_epoch = (split.n_rows // multiple) * multiple  # the last partial step is dropped
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()

@@ -287,7 +287,8 @@ class Trainer:
         cfg = self.config
         loader = PackedLoader(stage.train, batch_rows=stage.micro_batch * self.dist.world_size, seed=cfg.data.seed,
                               rank=self.dist.rank, world_size=self.dist.world_size,
-                              position=self.positions.get(str(stage.index), 0), device=self.device)
+                              position=self.positions.get(str(stage.index), 0), device=self.device,
+                              epoch_multiple=stage.micro_batch * self.dist.world_size * stage.grad_accum)
         flops_per_token = self.model.flops_per_token(stage.seq_len)
         tokens_per_step = cfg.optim.tokens_per_step
         group = dist.group.WORLD if self.dist.world_size > 1 else None
@@ -299,16 +300,21 @@ class Trainer:
                 lr = learning_rate(cfg, self.step, self.total_steps)
                 for group_ in self.optimizer.param_groups:
                     group_["lr"] = lr
+                # The loss is the mean over every target of the step, all ranks together: the same
+                # computation whatever the GPU count or gradient accumulation.
+                batches = [next(loader) for _ in range(stage.grad_accum)]
+                n_targets = sum((b.targets != IGNORE_INDEX).sum() for b in batches).float()
+                if self.dist.world_size > 1:
+                    dist.all_reduce(n_targets)
                 step_loss = torch.zeros((), device=self.device)
-                for micro in range(stage.grad_accum):
-                    batch = next(loader)
+                for micro, batch in enumerate(batches):
                     no_sync = (self.dist.world_size > 1 and micro < stage.grad_accum - 1)
                     with (self.forward_model.no_sync() if no_sync else contextlib.nullcontext()):
                         with self.precision.autocast(group):
                             logits = self.forward_model(batch.inputs,
                                                         batch.doc_lens if cfg.attention.doc_mask else None)
-                        loss = cross_entropy(logits, batch.targets) / stage.grad_accum
-                        loss.backward()
+                        loss = cross_entropy(logits, batch.targets, reduction="sum") / n_targets
+                        (loss * self.dist.world_size).backward()  # DDP averages gradients over ranks
                     step_loss += loss.detach()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                            cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
@@ -332,6 +338,8 @@ class Trainer:
                 bar.update(1)
                 stage_end = self.step == end
                 if self.step % cfg.run.log_every == 0 or stage_end:
+                    if self.dist.world_size > 1:
+                        dist.all_reduce(loss_sum)  # each rank holds its share of the global mean
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
                     last = {"step": self.step, "stage": stage.index, "seq_len": stage.seq_len,
