@@ -60,3 +60,7 @@ test *args:
 # precision modes side by side on the GPU (tokens/s, MFU, memory, loss, bpb) into docs/benchmarks.md
 bench-train *args:
     {{python}} -m train.bench_train "$@"
+
+# 1 vs 2 GPUs under torchrun: scaling efficiency, loss match, cross-GPU-count resume, rank death
+bench-scaling *args:
+    {{python}} -m train.bench_scaling "$@"
