@@ -235,7 +235,10 @@ class Trainer:
         path = checkpoint.latest(self.run_dir / "checkpoints")
         if path is None:
             raise TrainError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        state = checkpoint.load(path, map_location=self.device)
+        # This run's own checkpoint: trusted like the pickle torch.load already reads. TE >= 2.20 also
+        # asks before unpickling its FP8 scaling metadata, which an exact resume needs.
+        os.environ.setdefault("NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE", "1")
+        state = checkpoint.load(path, map_location="cpu")  # RNG states must stay CPU tensors
         if state["tokenizer_sha256"] != self.tokenizer_sha256:
             raise TrainError(f"{path} was trained with another tokenizer than the current packs; refusing to mix")
         self.model.load_state_dict(state["model"])
