@@ -49,6 +49,10 @@ bench-extract *args:
 bench-tokenize *args:
     {{python}} -m pipeline bench-tokenize "$@"
 
+# packing throughput on a synthetic 100M-token stream
+bench-pack *args:
+    {{python}} -m pipeline bench-pack "$@"
+
 # packed-data loader throughput
 bench-loader *args:
     {{python}} -m train.bench_loader "$@"

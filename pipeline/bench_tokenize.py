@@ -137,11 +137,11 @@ def run(args: argparse.Namespace) -> int:
           f"{compression[kind][1]:.3f}", f"{compression[kind][2]:,}"] for kind in ("plain", "superbpe")])
     encode = markdown_table(
         ["encoder (SuperBPE tokenizer)", "MB/s", "Mtokens/s", "x bare"],
-        [[f"bare `encode_batch_fast`, all cores (TOKENIZERS_PARALLELISM=true)", f"{corpus_mb / bare_seconds:.2f}",
+        [["bare `encode_batch_fast`, all cores (TOKENIZERS_PARALLELISM=true)", f"{corpus_mb / bare_seconds:.2f}",
           f"{bare_tokens / bare_seconds / 1e6:.3f}", "1.00"],
          [f"tokenize stage, {args.workers} workers", f"{corpus_mb / stage_seconds:.2f}",
           f"{stage_tokens / stage_seconds / 1e6:.3f}", f"{bare_seconds / stage_seconds:.2f}"]])
-    body = (f"`just bench-tokenize" + (f" --input {args.input}" if args.input else f" --megabytes {args.megabytes:.0f}") +
+    body = ("`just bench-tokenize" + (f" --input {args.input}" if args.input else f" --megabytes {args.megabytes:.0f}") +
             (f" --vocab-size {args.vocab_size}" if args.vocab_size != 65536 else "") +
             f"` ({train_mb:.1f} MB of training text, {corpus_mb:.1f} MB encoded; {machine_line()}).\n\n"
             f"{training}\n\nSuperBPE uses {fewer:.1%} fewer tokens than plain BPE on the validation split "

@@ -22,6 +22,7 @@ STAGES = {  # command -> module (each exposes add_arguments and run)
     "make-corpus": "pipeline.corpus_gen",
     "bench-extract": "pipeline.bench_extract",
     "bench-tokenize": "pipeline.bench_tokenize",
+    "bench-pack": "pipeline.bench_pack",
 }
 
 

@@ -39,3 +39,15 @@ def section(name: str, *parts: dict) -> dict:
 
 def paragraph(value: str, **extra) -> dict:
     return {"type": "paragraph", "value": value, **extra}
+
+
+def build_packed_corpus(root: Path, corpus_bytes: int, seed: int, vocab_size: int, seq_lens: str) -> Path:
+    """Real packed data from the whole pipeline on a generated corpus (plain BPE, for speed)."""
+    from pipeline.corpus_gen import write_corpus
+
+    write_corpus(root / "in.jsonl", corpus_bytes, seed=seed)
+    common = ("--data-dir", root / "data", "--manifests", root / "manifests")
+    assert run_stage("extract-paragraphs", "--input", root / "in.jsonl", *common) == 0
+    assert run_stage("tokenize", "--plain-bpe", "--vocab-size", str(vocab_size), *common) == 0
+    assert run_stage("pack", "--seq-len", seq_lens, *common) == 0
+    return root

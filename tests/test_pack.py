@@ -6,9 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from pipeline.corpus_gen import write_corpus
 from pipeline.pack import best_fit_decreasing
-from tests.conftest import run_stage
+from tests.conftest import build_packed_corpus, run_stage
 from train.loader import IGNORE_INDEX, PackedLoader
 from train.packed import PackedDataError, PackedSplit
 
@@ -16,13 +15,7 @@ from train.packed import PackedDataError, PackedSplit
 @pytest.fixture(scope="module")
 def tokens_root(tmp_path_factory):
     """Real tokens from the pipeline on a small generated corpus (plain BPE for speed)."""
-    root = tmp_path_factory.mktemp("pack")
-    write_corpus(root / "in.jsonl", 1_500_000, seed=21)
-    common = ("--data-dir", root / "data", "--manifests", root / "manifests")
-    assert run_stage("extract-paragraphs", "--input", root / "in.jsonl", *common) == 0
-    assert run_stage("tokenize", "--plain-bpe", "--vocab-size", "400", *common) == 0
-    assert run_stage("pack", "--seq-len", "64,512", *common) == 0
-    return root
+    return build_packed_corpus(tmp_path_factory.mktemp("pack"), 1_500_000, 21, 400, "64,512")
 
 
 def load_tokens(root, split):

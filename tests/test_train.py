@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.corpus_gen import write_corpus
-from tests.conftest import run_stage
+from tests.conftest import build_packed_corpus
 from train.__main__ import main as train_main
 from train.config import ConfigError, from_dict, load
 from train.packed import PackedSplit
@@ -18,13 +17,7 @@ from train.precision import Precision
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    write_corpus(root / "in.jsonl", 400_000, seed=31)
-    common = ("--data-dir", root / "data", "--manifests", root / "manifests")
-    assert run_stage("extract-paragraphs", "--input", root / "in.jsonl", *common) == 0
-    assert run_stage("tokenize", "--plain-bpe", "--vocab-size", "384", *common) == 0
-    assert run_stage("pack", "--seq-len", "32,64", *common) == 0
-    return root
+    return build_packed_corpus(tmp_path_factory.mktemp("train"), 400_000, 31, 384, "32,64")
 
 
 def write_config(path, steps=(6, 6), **run):
