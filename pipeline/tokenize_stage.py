@@ -31,7 +31,7 @@ DEFAULT_VOCAB = 65536
 # Stage 2 holds every distinct superword of the training text: about 13 MB of RSS per MB of text
 # (docs/benchmarks.md, bench-tokenize), so 1 GB of text keeps training under 16 GB RSS.
 DEFAULT_TRAIN_BYTES = 1_000_000_000
-BATCH_CHARS = 4 << 20
+BATCH_CHARS = 1 << 20  # small enough that workers stay evenly loaded on short inputs
 REQUIRED_COLUMNS = ("article_id", "text")
 
 
