@@ -44,11 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def stop_on_sigterm(rank: int, run_name: str) -> None:
+def stop_on_sigterm(rank: int, run_dir: Path) -> None:
     """torchrun stops the other ranks with SIGTERM when one fails: say so in one line and exit."""
     def handler(signum, frame):
         print(f"error: train: rank {rank} stopped by SIGTERM (another rank failed, or the job was stopped); the last "
-              f"checkpoint in runs/{run_name}/checkpoints is intact: --resume continues", file=sys.stderr, flush=True)
+              f"checkpoint in {run_dir / 'checkpoints'} is intact: --resume continues", file=sys.stderr, flush=True)
         os._exit(143)
 
     signal.signal(signal.SIGTERM, handler)
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     from train.trainer import Distributed, Trainer, TrainError
 
     dist_info = Distributed.from_env()
-    if dist_info.world_size > 1:
-        stop_on_sigterm(dist_info.rank, args.run or args.config.stem)
     try:
         config = apply_overrides(apply_settings(load(args.config), args.set), args.precision, args.recipe, args.run)
+        if dist_info.world_size > 1:
+            stop_on_sigterm(dist_info.rank, Path(config.run.out_dir) / config.run.name)
         if args.data_dir:
             config.data.data_dir = args.data_dir
         if args.manifests:

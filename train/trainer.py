@@ -157,8 +157,9 @@ def evaluate(model, split: PackedSplit, precision: Precision, micro_batch: int, 
     if dist_info.world_size > 1:
         for t in (nll, count):
             dist.all_reduce(t)
-    total_targets = split_targets(split, n_rows)
-    evaluated_bytes = split.utf8_bytes * (total_targets / split_targets(split, split.n_rows))
+    evaluated_targets = split_targets(split, n_rows)
+    all_targets = evaluated_targets if n_rows == split.n_rows else split_targets(split, split.n_rows)
+    evaluated_bytes = split.utf8_bytes * evaluated_targets / max(all_targets, 1)
     nll_sum, n = float(nll), float(count)
     return {"val_loss": nll_sum / max(n, 1), "val_bpb": nll_sum / math.log(2) / max(evaluated_bytes, 1),
             "val_tokens": n}
