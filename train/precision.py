@@ -40,8 +40,14 @@ class Precision:
         self.mode = config.mode
         self.device = device
         self.te = None
+        self.te_linear = None
+        # Set by the trainer: True on a step's first micro-batch, False on the others, None outside
+        # training. FP8 weight casts then happen once per optimizer step (the weights do not change
+        # between micro-batches), TE's `is_first_microbatch` caching.
+        self.first_microbatch: bool | None = None
         if self.mode == "fp8" and not torch_modules_only:
             self.te = require_transformer_engine(device)
+            self.te_linear = cached_cast_linear(self.te, self)
 
     def plan(self, name: str) -> LinearPlan:
         if self.mode != "fp8":
@@ -50,7 +56,7 @@ class Precision:
 
     def linear(self, name: str, in_features: int, out_features: int) -> nn.Module:
         if self.plan(name).is_te and self.te is not None:
-            return self.te.Linear(in_features, out_features, bias=False, params_dtype=torch.float32,
+            return self.te_linear(in_features, out_features, bias=False, params_dtype=torch.float32,
                                   device=self.device)
         return nn.Linear(in_features, out_features, bias=False, device=self.device)
 
@@ -99,6 +105,16 @@ class Precision:
             if self.plan(name).is_te and (fan_in % block or fan_out % block):
                 raise ConfigError(f"FP8 ({self.config.recipe}) needs the dims of `{name}` ({fan_in}x{fan_out}) divisible "
                                   f"by {block}; change the model width or set precision.map.{name} = \"bf16\"")
+
+
+def cached_cast_linear(te, precision: "Precision"):
+    """te.Linear whose forward passes the run's micro-batch position as `is_first_microbatch`."""
+
+    class CachedCastLinear(te.Linear):
+        def forward(self, inp, *args, **kwargs):
+            return super().forward(inp, *args, is_first_microbatch=precision.first_microbatch, **kwargs)
+
+    return CachedCastLinear
 
 
 def require_transformer_engine(device: torch.device):

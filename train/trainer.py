@@ -312,6 +312,7 @@ class Trainer:
                     dist.all_reduce(n_targets)
                 step_loss = torch.zeros((), device=self.device)
                 for micro, batch in enumerate(batches):
+                    self.precision.first_microbatch = micro == 0
                     no_sync = (self.dist.world_size > 1 and micro < stage.grad_accum - 1)
                     with (self.forward_model.no_sync() if no_sync else contextlib.nullcontext()):
                         with self.precision.autocast(group):
@@ -320,6 +321,7 @@ class Trainer:
                         loss = cross_entropy(logits, batch.targets, reduction="sum") / n_targets
                         (loss * self.dist.world_size).backward()  # DDP averages gradients over ranks
                     step_loss += loss.detach()
+                self.precision.first_microbatch = None  # evaluation and the next step recast the weights
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                            cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
                 if not bool(torch.isfinite(grad_norm)):
