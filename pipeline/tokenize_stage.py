@@ -28,9 +28,10 @@ from pipeline.manifest import StageRun, atomic_path, remove_stale_temporaries, s
 STAGE = "tokenize"
 DOC_INDEX_DTYPE = np.dtype([("start", "<i8"), ("tokens", "<i8"), ("bytes", "<i8"), ("article_id", "<i8")])
 DEFAULT_VOCAB = 65536
-# Stage 2 holds every distinct superword of the training text: about 13 MB of RSS per MB of text
-# (docs/benchmarks.md, bench-tokenize), so 1 GB of text keeps training under 16 GB RSS.
-DEFAULT_TRAIN_BYTES = 1_000_000_000
+# Stage 2 holds every distinct superword of the training text. bench-tokenize measured 370 MB peak
+# RSS for 1.6 MB of text and 1,769 MB for 9.3 MB (about 180 MB more per MB, docs/benchmarks.md), so
+# 64 MB keeps SuperBPE training under 16 GB with margin. Larger inputs were not measured.
+DEFAULT_TRAIN_BYTES = 64_000_000
 BATCH_CHARS = 1 << 20  # small enough that workers stay evenly loaded on short inputs
 REQUIRED_COLUMNS = ("article_id", "text")
 
