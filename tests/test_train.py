@@ -153,6 +153,11 @@ class FakeTE(types.SimpleNamespace):
     class Linear(nn.Linear):
         def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
             super().__init__(in_features, out_features, bias=bias, device=device)
+            self.seen_first_microbatch = []
+
+        def forward(self, inp, is_first_microbatch=None):
+            self.seen_first_microbatch.append(is_first_microbatch)
+            return super().forward(inp)
 
 
 @pytest.mark.parametrize("preset", ["configs/small.toml", "configs/small-q-bf16.toml"])
@@ -244,3 +249,18 @@ def test_two_process_gloo_matches_one_process_and_resumes_across_world_sizes(pac
     result = torchrun(packed, config, 2, "--run-name", "one-then-two", "--resume")
     assert result.returncode == 0, result.stderr[-2000:]
     assert losses(packed, "one-then-two") == pytest.approx(one, rel=2e-3)
+
+
+def test_fp8_linears_learn_the_micro_batch_position(monkeypatch):
+    """FP8 weights are cast once per optimizer step: TE modules get is_first_microbatch from the run."""
+    from train import precision as precision_module
+
+    monkeypatch.setattr(precision_module, "require_transformer_engine", lambda device: FakeTE())
+    config = load("configs/small.toml")
+    precision = Precision(config.precision, torch.device("cpu"))
+    layer = precision.linear("o", 16, 16)
+    x = torch.randn(2, 16)
+    for position in (True, False, None):
+        precision.first_microbatch = position
+        layer(x)
+    assert layer.seen_first_microbatch == [True, False, None]
