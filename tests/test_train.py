@@ -154,25 +154,30 @@ class FakeTE(types.SimpleNamespace):
         def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
             super().__init__(in_features, out_features, bias=bias, device=device)
             self.seen_first_microbatch = []
+            self.traced = []
 
         def forward(self, inp, is_first_microbatch=None):
             self.seen_first_microbatch.append(is_first_microbatch)
+            self.traced.append(torch.compiler.is_compiling())
             return super().forward(inp)
 
 
+@pytest.mark.parametrize("mode", ["fp8", "te-bf16"])
 @pytest.mark.parametrize("preset", ["configs/small.toml", "configs/small-q-bf16.toml"])
-def test_precision_map_decides_each_module(monkeypatch, preset):
+def test_precision_map_decides_each_module(monkeypatch, preset, mode):
+    """fp8 and te-bf16 build the same modules (TE where the map says fp8); only the GEMM format differs."""
     from train import precision as precision_module
     from train.model import Transformer
 
     config = load(preset)
     config.model.n_layers = 1
+    config.precision.mode = mode
     try:
         import transformer_engine.pytorch as te  # noqa: F401  (a GPU machine checks the real modules)
         device = torch.device("cuda")
         te_linear = te.Linear
     except ImportError:
-        monkeypatch.setattr(precision_module, "require_transformer_engine", lambda device: FakeTE())
+        monkeypatch.setattr(precision_module, "require_transformer_engine", lambda device, fp8: FakeTE())
         device, te_linear = torch.device("cpu"), FakeTE.Linear
     model = Transformer(config.model, 1000, Precision(config.precision, device), 64)
     block = model.blocks[0]
@@ -185,7 +190,8 @@ def test_precision_map_decides_each_module(monkeypatch, preset):
         assert isinstance(module, te_linear) == (config.precision.map[name] == "fp8"), name
     assert not isinstance(model.embed, te_linear) and type(block.attn_norm).__name__ == "RMSNorm"
     table = Precision(config.precision, device).table()
-    assert "lm_head  bf16  torch.nn.Linear" in table and "q        " in table
+    assert "lm_head  bf16  torch.nn.Linear" in table
+    assert f"o        {'fp8 ' if mode == 'fp8' else 'bf16'}  te.Linear" in table
 
 
 def test_bits_per_byte_by_hand(packed):
@@ -255,7 +261,7 @@ def test_fp8_linears_learn_the_micro_batch_position(monkeypatch):
     """FP8 weights are cast once per optimizer step: TE modules get is_first_microbatch from the run."""
     from train import precision as precision_module
 
-    monkeypatch.setattr(precision_module, "require_transformer_engine", lambda device: FakeTE())
+    monkeypatch.setattr(precision_module, "require_transformer_engine", lambda device, fp8: FakeTE())
     config = load("configs/small.toml")
     precision = Precision(config.precision, torch.device("cpu"))
     layer = precision.linear("o", 16, 16)
@@ -264,3 +270,34 @@ def test_fp8_linears_learn_the_micro_batch_position(monkeypatch):
         precision.first_microbatch = position
         layer(x)
     assert layer.seen_first_microbatch == [True, False, None]
+
+
+def test_compiled_model_runs_te_projections_eagerly_between_graphs(monkeypatch):
+    """Under torch.compile the TE projections are graph breaks: never traced, still told the micro-batch
+    position, and the compiled model computes what the eager one does."""
+    from train import precision as precision_module
+    from train.model import Transformer, cross_entropy
+
+    monkeypatch.setattr(precision_module, "require_transformer_engine", lambda device, fp8: FakeTE())
+    config = load("configs/tiny.toml")
+    config.precision.mode = "fp8"
+    config.model.n_layers = 2
+    precision = Precision(config.precision, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = Transformer(config.model, 300, precision, 32)
+    idx = torch.randint(0, 300, (2, 16))
+    eager_loss = cross_entropy(model(idx), idx)
+    eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager")
+    te_layer = model.blocks[0].ffn.down
+    te_layer.seen_first_microbatch.clear()
+    te_layer.traced.clear()
+    for position in (True, False):
+        precision.first_microbatch = position
+        loss = cross_entropy(compiled(idx), idx)
+    loss.backward()
+    assert te_layer.traced == [False, False] and te_layer.seen_first_microbatch == [True, False]
+    assert torch.allclose(loss, eager_loss, atol=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), eager_grads))

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=Path("configs/small.toml"),
                         help="preset or config file (configs/tiny.toml, small, yxanul-197m, base, ...)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="override precision.mode: fp8 (Transformer Engine, GPU 8.9+), bf16, fp32")
+                        help="override precision.mode: fp8 (Transformer Engine, GPU 8.9+), te-bf16 (TE modules with BF16 "
+                             "GEMMs: what TE costs apart from FP8), bf16, fp32")
     parser.add_argument("--recipe", choices=RECIPES, default=None, help="override the FP8 scaling recipe")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="train this many optimizer steps in all, each stage's share scaled down alike")
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config key, e.g. --set optim.tokens_per_step=65536 (repeatable)")
+    parser.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                        help="profile the run's last N steps on the GPU: kernel time per category (GEMM, attention, "
+                             "FP8 casts, ...) and idle time into runs/NAME/profile.json (0: off)")
     parser.add_argument("--force", action="store_true", help="replace an existing run directory of the same name")
     return parser
 
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
             dist.barrier()
         trainer = Trainer(config, run_dir, device, max_steps=args.max_steps, resume=args.resume,
-                          stop_at_step=args.stop_at_step, dist_info=dist_info)
+                          stop_at_step=args.stop_at_step, dist_info=dist_info, profile_steps=args.profile_steps)
         if dist_info.is_main:
             import json
 

@@ -2,8 +2,11 @@
 mode, side by side in one run; a markdown table of tokens/s, MFU (against 989 TFLOP/s dense BF16),
 peak memory, the loss curve's start and end, and the final val bpb, written to docs/benchmarks.md.
 
-Each mode trains in its own process (fresh memory peak, fresh compile cache) with the same seed,
-tokens per step and data order, so losses compare at equal tokens.
+Each mode trains in its own process (fresh memory peak) with the same seed, tokens per step and
+data order, so losses compare at equal tokens. A mode may carry config overrides after `+`, e.g.
+`fp8-delayed+run.compile=false+curriculum.0.micro_batch=16`: one lever per row. With
+`--profile-steps N` each run also profiles its last N steps and a second table says where the GPU
+time went (see train/profile.py).
 """
 
 from __future__ import annotations
@@ -16,17 +19,28 @@ import sys
 import time
 from pathlib import Path
 
-MODES = {  # name -> trainer arguments
+MODES = {  # name -> trainer arguments (run.compile is on by default: TE projections stay eager)
     "bf16-compiled": ["--precision", "bf16"],
+    "te-bf16": ["--precision", "te-bf16"],
     "fp8-delayed": ["--precision", "fp8", "--recipe", "delayed"],
     "fp8-current": ["--precision", "fp8", "--recipe", "current"],
     "fp8-block": ["--precision", "fp8", "--recipe", "block"],
 }
 
 
-def summarize(run_dir: Path) -> dict:
+def mode_arguments(mode: str) -> list[str]:
+    """`fp8-delayed+a.b=1+c.d=2` -> the trainer arguments of fp8-delayed and two --set overrides."""
+    name, *settings = mode.split("+")
+    if name not in MODES:
+        raise SystemExit(f"error: bench-train: unknown mode {name!r}; known: {', '.join(MODES)}")
+    return MODES[name] + [f"--set={s}" for s in settings]
+
+
+def summarize(run_dir: Path, profile_steps: int) -> dict:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    timed = lines[2:] if len(lines) > 4 else lines  # the first windows hold compilation and warm-up
+    last = lines[-1]["step"]
+    # the first windows hold compilation and warm-up; profiled steps run slower
+    timed = [m for m in lines[2:] if m["step"] <= last - profile_steps] or lines
     evals = [m for m in lines if "val_bpb" in m]
     return {"tokens_per_s": sum(m["tokens_per_s"] for m in timed) / len(timed),
             "mfu": sum(m["mfu"] for m in timed) / len(timed), "memory_gb": max(m["memory_gb"] for m in lines),
@@ -37,35 +51,55 @@ def summarize(run_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="just bench-train", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="configs/small.toml", help="presets to run, comma separated")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma separated, of {list(MODES)}")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma separated, of {list(MODES)}, each optionally followed by +KEY=VALUE overrides")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (curriculum scaled alike)")
     parser.add_argument("--set", action="append", default=[], help="config overrides passed to every run")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="profile each run's last N steps: GPU time per kernel category in a second table")
     parser.add_argument("--out-dir", default="runs/bench", help="where the runs go")
     parser.add_argument("--title", default="Train", help="section title in docs/benchmarks.md")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
     from pipeline.bench_report import markdown_table, update_section
 
-    rows = []
+    from train.profile import ORDER
+
+    for mode in args.modes.split(","):
+        mode_arguments(mode)  # an unknown mode fails before any run
+    rows, profile_rows = [], []
     for config in args.configs.split(","):
-        for mode in args.modes.split(","):
-            name = f"{Path(config).stem}-{mode}"
-            command = [sys.executable, "-m", "train", "--config", config, *MODES[mode], "--max-steps", str(args.steps),
-                       "--run", name, "--out-dir", args.out_dir, "--force"] + [f"--set={s}" for s in args.set]
+        preset, baseline = Path(config).stem, None
+        for index, mode in enumerate(args.modes.split(",")):
+            name = f"{preset}-{index}-{mode.split('+')[0]}"
+            command = [sys.executable, "-m", "train", "--config", config, *mode_arguments(mode), "--max-steps",
+                       str(args.steps), "--run", name, "--out-dir", args.out_dir, "--force",
+                       "--profile-steps", str(args.profile_steps)] + [f"--set={s}" for s in args.set]
             print(f"bench-train: {' '.join(command[1:])}", flush=True)
             started = time.perf_counter()
             result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
             wall = time.perf_counter() - started
             if result.returncode != 0:
                 error = (result.stderr.strip().splitlines() or ["?"])[-1]
-                rows.append([Path(config).stem, mode, "failed: " + error[:150], "", "", "", "", "", ""])
+                rows.append([preset, mode, "failed: " + error[:150], *[""] * 8])
+                if args.profile_steps:
+                    profile_rows.append([preset, mode, "failed", *[""] * len(ORDER)])
                 print(result.stderr[-3000:], flush=True)
                 continue
-            s = summarize(Path(args.out_dir) / name)
-            rows.append([Path(config).stem, mode, f"{s['tokens_per_s'] / 1e3:.0f}k", f"{s['mfu']:.1%}",
+            s = summarize(Path(args.out_dir) / name, args.profile_steps)
+            if mode == "bf16-compiled" and baseline is None:
+                baseline = s
+            ratio = f"{s['tokens_per_s'] / baseline['tokens_per_s']:.2f}x" if baseline else ""
+            bpb_change = f"{s['val_bpb'] / baseline['val_bpb'] - 1:+.2%}" if baseline else ""
+            rows.append([preset, mode, f"{s['tokens_per_s'] / 1e3:.0f}k", ratio, f"{s['mfu']:.1%}",
                          f"{s['memory_gb']:.1f}", f"{s['loss_start']:.3f} -> {s['loss_end']:.3f}",
-                         f"{s['val_bpb']:.4f}", f"{s['steps']} / {s['tokens'] / 1e6:.1f}M", f"{wall:.0f}"])
+                         f"{s['val_bpb']:.4f} ({bpb_change})" if bpb_change else f"{s['val_bpb']:.4f}",
+                         f"{s['steps']} / {s['tokens'] / 1e6:.1f}M", f"{wall:.0f}"])
             print(" | ".join(rows[-1]), flush=True)
+            if args.profile_steps:
+                profile = json.loads((Path(args.out_dir) / name / "profile.json").read_text())
+                profile_rows.append([preset, mode, f"{profile['window_ms_per_step']:.1f}",
+                                     *(f"{profile['share'][k]:.0%}" for k in ORDER)])
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -76,12 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         versions += f", Transformer Engine {transformer_engine.__version__}"
     except ImportError:
         pass
-    table = markdown_table(["preset", "mode", "tokens/s", "MFU", "peak GB", "loss start -> end", "val bpb",
-                            "steps / tokens", "wall s"], rows)
+    table = markdown_table(["preset", "mode", "tokens/s", "vs bf16-compiled", "MFU", "peak GB", "loss start -> end",
+                            "val bpb (vs bf16-compiled)", "steps / tokens", "wall s"], rows)
     body = (f"`python -m train.bench_train --configs {args.configs} --modes {args.modes} --steps {args.steps}"
-            + "".join(f" --set {s}" for s in args.set) + f"` on {device} ({time.strftime('%Y-%m-%d')}, {versions}).\n\n"
+            + (f" --profile-steps {args.profile_steps}" if args.profile_steps else "") + "".join(f" --set {s}" for s in args.set) + f"` on {device} ({time.strftime('%Y-%m-%d')}, {versions}).\n\n"
             f"{table}\n\ntokens/s and MFU average the logged windows after the first two (compilation, warm-up); "
             "MFU counts 6 x matmul parameters + attention FLOPs per token against 989 TFLOP/s.")
+    if profile_rows:
+        body += (f"\n\nWhere the GPU time goes: the last {args.profile_steps} steps of each run under `torch.profiler` "
+                 "(kernels sorted by name, see train/profile.py; idle = no kernel running: launch gaps, host work):\n\n"
+                 + markdown_table(["preset", "mode", "ms/step", *ORDER], profile_rows))
     print(body)
     if not args.no_doc:
         update_section(args.title, body)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
-PRECISIONS = ("fp8", "bf16", "fp32")
+PRECISIONS = ("fp8", "te-bf16", "bf16", "fp32")
 RECIPES = ("delayed", "current", "block")
 
 
@@ -37,7 +37,7 @@ class ModelConfig:
 
 @dataclass
 class PrecisionConfig:
-    mode: str = "fp8"  # fp8 (Transformer Engine) | bf16 | fp32
+    mode: str = "fp8"  # fp8 (Transformer Engine) | te-bf16 (TE modules, BF16 GEMMs: a diagnostic) | bf16 | fp32
     recipe: str = "delayed"  # FP8 scaling: delayed | current | block (1x128 activations, 128x128 weights)
     amax_history: int = 16  # delayed scaling: amax history length
     # Per projection: fp8 or bf16. Embeddings, norms, softmax and the loss are never FP8.
@@ -89,7 +89,7 @@ class RunConfig:
     checkpoint_every: int = 500  # optimizer steps between checkpoints (and at every stage end)
     keep_last: int = 3  # checkpoints kept besides the best
     max_bad_steps: int = 5  # consecutive NaN/Inf steps that stop the run
-    compile: bool = True  # torch.compile the model for bf16 on a GPU
+    compile: bool = True  # torch.compile the model on a GPU (TE projections stay eager, compiled around)
     seed: int = 0  # model initialisation seed
 
 

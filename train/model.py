@@ -96,7 +96,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.d_model // cfg.n_heads
         self.layer = layer
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.fused = len({precision.plan(n).fmt for n in ("q", "k", "v")}) == 1
+        self.fused = len({precision.plan(n).kind for n in ("q", "k", "v")}) == 1
         if self.fused:
             self.qkv = precision.linear("q", cfg.d_model, q_out + 2 * kv_out)
         else:
@@ -167,7 +167,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig, precision):
         super().__init__()
         self.hidden = cfg.ffn_dim
-        self.fused = precision.plan("gate").fmt == precision.plan("up").fmt
+        self.fused = precision.plan("gate").kind == precision.plan("up").kind
         if self.fused:
             self.gate_up = precision.linear("gate", cfg.d_model, 2 * cfg.ffn_dim)
         else:

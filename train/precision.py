@@ -3,8 +3,13 @@
 `--precision fp8` builds every projection the map marks `fp8` as a Transformer Engine `te.Linear`
 (FP32 master weights) run under `te.autocast` with the chosen recipe; projections marked `bf16`,
 and embeddings, norms, softmax and the loss, stay torch modules under BF16 autocast (the loss in
-FP32). Transformer Engine is imported only here and only when FP8 is asked for. Anything that
-keeps FP8 from running is an error, never a silent fallback to BF16.
+FP32). `--precision te-bf16` builds the same TE modules but runs their GEMMs in BF16: it measures
+what Transformer Engine itself costs, apart from FP8. Transformer Engine is imported only here and
+only for those two modes. Anything that keeps FP8 from running is an error, never a silent
+fallback to BF16.
+
+TE projections run eagerly: under `torch.compile` they are graph breaks, and the torch code
+between them (norms, RoPE, attention, SwiGLU, the loss) is compiled around them.
 """
 
 from __future__ import annotations
@@ -17,17 +22,25 @@ from torch import nn
 
 from train.config import PROJECTIONS, ConfigError, PrecisionConfig
 
+TE_MODES = ("fp8", "te-bf16")  # the modes that build Transformer Engine modules
+
 
 @dataclass(frozen=True)
 class LinearPlan:
     """What one projection will be built as."""
 
     name: str
-    fmt: str  # "fp8" or "bf16"/"fp32" (a torch module)
+    fmt: str  # the GEMM's format: "fp8", "bf16" or "fp32"
+    is_te: bool  # a Transformer Engine module (else torch.nn.Linear)
 
     @property
-    def is_te(self) -> bool:
-        return self.fmt == "fp8"
+    def kind(self) -> tuple[str, bool]:
+        """Projections of one kind can share a fused GEMM (q, k, v; gate, up)."""
+        return self.fmt, self.is_te
+
+    @property
+    def module(self) -> str:
+        return "te.Linear" if self.is_te else "torch.nn.Linear"
 
 
 class Precision:
@@ -45,14 +58,17 @@ class Precision:
         # training. FP8 weight casts then happen once per optimizer step (the weights do not change
         # between micro-batches), TE's `is_first_microbatch` caching.
         self.first_microbatch: bool | None = None
-        if self.mode == "fp8" and not torch_modules_only:
-            self.te = require_transformer_engine(device)
+        if self.mode in TE_MODES and not torch_modules_only:
+            self.te = require_transformer_engine(device, fp8=self.mode == "fp8")
             self.te_linear = cached_cast_linear(self.te, self)
 
     def plan(self, name: str) -> LinearPlan:
-        if self.mode != "fp8":
-            return LinearPlan(name, self.mode)
-        return LinearPlan(name, self.config.map[name])
+        marked = self.config.map[name] == "fp8"
+        if self.mode == "fp8":
+            return LinearPlan(name, "fp8" if marked else "bf16", marked)
+        if self.mode == "te-bf16":
+            return LinearPlan(name, "bf16", marked)
+        return LinearPlan(name, self.mode, False)
 
     def linear(self, name: str, in_features: int, out_features: int) -> nn.Module:
         if self.plan(name).is_te and self.te is not None:
@@ -75,7 +91,7 @@ class Precision:
         if self.mode == "fp32":
             return contextlib.nullcontext()
         bf16 = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        if self.mode == "bf16":
+        if self.mode != "fp8":
             return bf16
         stack = contextlib.ExitStack()
         stack.enter_context(bf16)
@@ -86,8 +102,7 @@ class Precision:
         return stack
 
     def table(self) -> str:
-        rows = [f"  {name:<8} {self.plan(name).fmt:<5} {'te.Linear' if self.plan(name).is_te else 'torch.nn.Linear'}"
-                for name in PROJECTIONS]
+        rows = [f"  {name:<8} {self.plan(name).fmt:<5} {self.plan(name).module}" for name in PROJECTIONS]
         recipe = f", recipe {self.config.recipe}" if self.mode == "fp8" else ""
         return "\n".join([f"precision {self.mode}{recipe}:", *rows,
                           "  embeddings, norms, softmax, loss: never FP8 (loss in fp32)"])
@@ -108,21 +123,24 @@ class Precision:
 
 
 def cached_cast_linear(te, precision: "Precision"):
-    """te.Linear whose forward passes the run's micro-batch position as `is_first_microbatch`."""
+    """te.Linear whose forward passes the run's micro-batch position as `is_first_microbatch`, kept
+    out of `torch.compile` graphs (TE manages its own FP8 state and kernels)."""
 
     class CachedCastLinear(te.Linear):
+        @torch.compiler.disable
         def forward(self, inp, *args, **kwargs):
             return super().forward(inp, *args, is_first_microbatch=precision.first_microbatch, **kwargs)
 
     return CachedCastLinear
 
 
-def require_transformer_engine(device: torch.device):
+def require_transformer_engine(device: torch.device, fp8: bool):
     if device.type != "cuda":
         raise ConfigError("FP8 needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper, Blackwell); none is "
-                          "available here: use --precision bf16 (or fp32 on the CPU)")
+                          "available here: use --precision bf16 (or fp32 on the CPU)" if fp8 else
+                          "te-bf16 needs a CUDA GPU (Transformer Engine); use --precision bf16 (or fp32 on the CPU)")
     major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
+    if fp8 and (major, minor) < (8, 9):
         raise ConfigError(f"FP8 needs compute capability 8.9+, this GPU has {major}.{minor}: use --precision bf16")
     try:
         import transformer_engine.pytorch as te

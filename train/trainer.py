@@ -176,12 +176,14 @@ def split_targets(split: PackedSplit, n_rows: int) -> int:
 
 class Trainer:
     def __init__(self, config: TrainConfig, run_dir: Path, device: torch.device, max_steps: int | None = None,
-                 resume: bool = False, stop_at_step: int | None = None, dist_info: Distributed | None = None):
+                 resume: bool = False, stop_at_step: int | None = None, dist_info: Distributed | None = None,
+                 profile_steps: int = 0):
         self.config, self.run_dir, self.device = config, run_dir, device
         self.dist = dist_info or Distributed()
         self.stop_at_step = stop_at_step
         self.stages = plan_stages(config, self.dist.world_size, max_steps, verify=config.data.verify)
         self.total_steps = sum(s.steps for s in self.stages)
+        self.profiler = self.make_profiler(profile_steps)
         self.precision = Precision(config.precision, device)
         vocab = json.loads((Path(config.data.manifests) / f"pack-seq{self.stages[0].seq_len}.json").read_text())
         self.vocab_size = vocab["pack"]["vocab_size"]
@@ -201,6 +203,19 @@ class Trainer:
             self.load_latest()
         self.forward_model = self.wrap_model()
 
+    def make_profiler(self, steps: int):
+        if not steps:
+            return None
+        if self.device.type != "cuda":
+            raise ConfigError("--profile-steps profiles GPU kernels; it needs a CUDA device")
+        last = min(self.total_steps, self.stop_at_step or self.total_steps)
+        if steps >= last:
+            raise ConfigError(f"--profile-steps {steps} must be fewer than the run's {last} steps (the first ones "
+                              f"compile and warm up)")
+        from train.profile import StepProfiler
+
+        return StepProfiler(self.run_dir, last, steps) if self.dist.is_main else None
+
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
         m = self.config.model
         head_dim = m.d_model // m.n_heads
@@ -215,8 +230,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.precision.mode == "bf16" and self.device.type == "cuda" and self.config.run.compile:
-            model = torch.compile(model)
+        if self.config.run.compile and self.device.type == "cuda":
+            model = torch.compile(model)  # TE projections are graph breaks: compiled around, run eagerly
         return model
 
     # ------------------------------------------------------------------------------------ checkpoints
@@ -342,8 +357,11 @@ class Trainer:
                 self.step += 1
                 self.positions[str(stage.index)] = loader.position
                 bar.update(1)
+                if self.profiler is not None:
+                    self.profiler.after_step(self.step)
                 stage_end = self.step == end
-                if self.step % cfg.run.log_every == 0 or stage_end:
+                window_closed = self.step % cfg.run.log_every == 0 or stage_end
+                if window_closed:
                     if self.dist.world_size > 1:
                         dist.all_reduce(loss_sum)  # each rank holds its share of the global mean
                     elapsed = time.perf_counter() - window_start
@@ -360,7 +378,7 @@ class Trainer:
                     bar.set_postfix_str(f"stage {stage.index} loss {last['loss']:.3f} {tokens_per_s / 1e3:.1f}k tok/s "
                                         f"MFU {last['mfu']:.1%}")
                     loss_sum.zero_()
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_steps = 0
                     if self.step % cfg.run.eval_every == 0 or stage_end:
                         last.update(evaluate(self.forward_model, stage.val, self.precision, stage.micro_batch,
                                              cfg.run.eval_rows, cfg.attention.doc_mask, self.device, self.dist))
@@ -371,6 +389,8 @@ class Trainer:
                     if is_best:
                         self.best_val = last["val_loss"]
                     self.save(is_best)
+                if window_closed:  # evaluation and checkpointing are not training time
+                    window_start = time.perf_counter()
         except torch.OutOfMemoryError:
             raise TrainError(f"CUDA out of memory at stage {stage.index} (seq {stage.seq_len}, micro-batch "
                              f"{stage.micro_batch}): lower curriculum[{stage.index}].micro_batch (gradient accumulation "
