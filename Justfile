@@ -68,3 +68,7 @@ bench-train *args:
 # 1 vs 2 GPUs under torchrun: scaling efficiency, loss match, cross-GPU-count resume, rank death
 bench-scaling *args:
     {{python}} -m train.bench_scaling "$@"
+
+# each projection of a preset, torch BF16 vs TE FP8 at the model's shapes: the per-projection FP8 policy
+bench-linear *args:
+    {{python}} -m train.bench_linear "$@"
