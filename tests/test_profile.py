@@ -31,3 +31,11 @@ def test_summary_counts_overlaps_once_and_the_rest_as_idle():
     busy = 800 + 100 + 500  # 0..800, 1000..1100, 1500..2000
     assert summary["share"][IDLE] == pytest.approx((4000 - busy) / 4000)
     assert summary["window_ms_per_step"] == pytest.approx(2.0)
+
+
+def test_top_kernels_are_the_costliest_names_summed_over_calls():
+    kernel = lambda name, ts, dur: {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}  # noqa: E731
+    events = [kernel("nvjet_a", 0, 100), kernel("flash_fwd", 100, 150), kernel("nvjet_a", 300, 100)]
+    top = summarize_trace(events, window_us=1000, steps=1)["top_kernels"]
+    assert [(k["name"], k["category"]) for k in top] == [("nvjet_a", "gemm"), ("flash_fwd", "attention")]
+    assert top[0]["ms_per_step"] == pytest.approx(0.2)

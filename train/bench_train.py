@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +49,22 @@ def summarize(run_dir: Path, profile_steps: int) -> dict:
             "tokens": lines[-1]["tokens"], "val_bpb": evals[-1]["val_bpb"] if evals else float("nan")}
 
 
+def preset_rows(preset: str, results: list[tuple[str, dict | None, float]]) -> list[list[str]]:
+    """Table rows of one preset; ratios against its fastest compiled-BF16 row (the baseline to beat)."""
+    compiled = [s for mode, s, _ in results if s and mode.split("+")[0] == "bf16-compiled"]
+    baseline = max(compiled, key=lambda s: s["tokens_per_s"]) if compiled else None
+    rows = []
+    for mode, s, wall in results:
+        if s is None:
+            continue  # already listed as failed
+        ratio = f"{s['tokens_per_s'] / baseline['tokens_per_s']:.2f}x" if baseline else ""
+        bpb = f"{s['val_bpb']:.4f}" + (f" ({s['val_bpb'] / baseline['val_bpb'] - 1:+.2%})" if baseline else "")
+        rows.append([preset, mode, f"{s['tokens_per_s'] / 1e3:.0f}k", ratio, f"{s['mfu']:.1%}", f"{s['memory_gb']:.1f}",
+                     f"{s['loss_start']:.3f} -> {s['loss_end']:.3f}", bpb, f"{s['steps']} / {s['tokens'] / 1e6:.1f}M",
+                     f"{wall:.0f}"])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="just bench-train", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="configs/small.toml", help="presets to run, comma separated")
@@ -69,37 +86,36 @@ def main(argv: list[str] | None = None) -> int:
         mode_arguments(mode)  # an unknown mode fails before any run
     rows, profile_rows = [], []
     for config in args.configs.split(","):
-        preset, baseline = Path(config).stem, None
+        preset, results = Path(config).stem, []
         for index, mode in enumerate(args.modes.split(",")):
             name = f"{preset}-{index}-{mode.split('+')[0]}"
-            command = [sys.executable, "-m", "train", "--config", config, *mode_arguments(mode), "--max-steps",
-                       str(args.steps), "--run", name, "--out-dir", args.out_dir, "--force",
-                       "--profile-steps", str(args.profile_steps)] + [f"--set={s}" for s in args.set]
+            # the mode's own overrides come last: they win over the ones given to every run
+            command = [sys.executable, "-m", "train", "--config", config, "--max-steps", str(args.steps), "--run",
+                       name, "--out-dir", args.out_dir, "--force", "--profile-steps", str(args.profile_steps),
+                       *[f"--set={s}" for s in args.set], *mode_arguments(mode)]
             print(f"bench-train: {' '.join(command[1:])}", flush=True)
             started = time.perf_counter()
             result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
             wall = time.perf_counter() - started
             if result.returncode != 0:
                 error = (result.stderr.strip().splitlines() or ["?"])[-1]
-                rows.append([preset, mode, "failed: " + error[:150], *[""] * 8])
+                results.append((mode, None, wall))
+                rows.append([preset, mode, "failed: " + error[:150], *[""] * 7])
                 if args.profile_steps:
                     profile_rows.append([preset, mode, "failed", *[""] * len(ORDER)])
                 print(result.stderr[-3000:], flush=True)
                 continue
-            s = summarize(Path(args.out_dir) / name, args.profile_steps)
-            if mode == "bf16-compiled" and baseline is None:
-                baseline = s
-            ratio = f"{s['tokens_per_s'] / baseline['tokens_per_s']:.2f}x" if baseline else ""
-            bpb_change = f"{s['val_bpb'] / baseline['val_bpb'] - 1:+.2%}" if baseline else ""
-            rows.append([preset, mode, f"{s['tokens_per_s'] / 1e3:.0f}k", ratio, f"{s['mfu']:.1%}",
-                         f"{s['memory_gb']:.1f}", f"{s['loss_start']:.3f} -> {s['loss_end']:.3f}",
-                         f"{s['val_bpb']:.4f} ({bpb_change})" if bpb_change else f"{s['val_bpb']:.4f}",
-                         f"{s['steps']} / {s['tokens'] / 1e6:.1f}M", f"{wall:.0f}"])
-            print(" | ".join(rows[-1]), flush=True)
+            summary = summarize(Path(args.out_dir) / name, args.profile_steps)
+            shutil.rmtree(Path(args.out_dir) / name / "checkpoints", ignore_errors=True)  # GBs each; not needed here
+            results.append((mode, summary, wall))
+            print(f"{mode}: {summary['tokens_per_s'] / 1e3:.0f}k tokens/s, val bpb {summary['val_bpb']:.4f}", flush=True)
             if args.profile_steps:
                 profile = json.loads((Path(args.out_dir) / name / "profile.json").read_text())
                 profile_rows.append([preset, mode, f"{profile['window_ms_per_step']:.1f}",
                                      *(f"{profile['share'][k]:.0%}" for k in ORDER)])
+                for kernel in profile["top_kernels"][:8]:
+                    print(f"  {kernel['ms_per_step']:7.2f} ms/step  {kernel['category']:<13} {kernel['name'][:90]}")
+        rows += preset_rows(preset, results)
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -110,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         versions += f", Transformer Engine {transformer_engine.__version__}"
     except ImportError:
         pass
-    table = markdown_table(["preset", "mode", "tokens/s", "vs bf16-compiled", "MFU", "peak GB", "loss start -> end",
-                            "val bpb (vs bf16-compiled)", "steps / tokens", "wall s"], rows)
+    table = markdown_table(["preset", "mode", "tokens/s", "vs best bf16-compiled", "MFU", "peak GB",
+                            "loss start -> end", "val bpb (vs that run)", "steps / tokens", "wall s"], rows)
     body = (f"`python -m train.bench_train --configs {args.configs} --modes {args.modes} --steps {args.steps}"
             + (f" --profile-steps {args.profile_steps}" if args.profile_steps else "") + "".join(f" --set {s}" for s in args.set) + f"` on {device} ({time.strftime('%Y-%m-%d')}, {versions}).\n\n"
             f"{table}\n\ntokens/s and MFU average the logged windows after the first two (compilation, warm-up); "

@@ -26,6 +26,7 @@ CATEGORIES = (
     ("fp8 cast", ("cast", "quantize", "amax", "fp8", "scale", "transpose")),
     ("optimizer", ("multi_tensor", "adam")),
 )
+TOP_KERNELS = 15  # the costliest kernels, by name, kept in profile.json
 OTHER, COPIES, IDLE = "other kernels", "copies", "idle"
 ORDER = tuple(name for name, _ in CATEGORIES) + (OTHER, COPIES, IDLE)
 
@@ -41,6 +42,7 @@ def classify(kernel_name: str) -> str:
 def summarize_trace(events: list[dict], window_us: float, steps: int) -> dict:
     """Milliseconds per step in each category, and the share of the window each takes."""
     per_category = dict.fromkeys(ORDER, 0.0)
+    per_kernel: dict[str, float] = {}
     intervals = []
     for event in events:
         if event.get("ph") != "X" or event.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
@@ -48,12 +50,15 @@ def summarize_trace(events: list[dict], window_us: float, steps: int) -> dict:
         start, duration = float(event["ts"]), float(event.get("dur", 0))
         category = classify(event["name"]) if event["cat"] == "kernel" else COPIES
         per_category[category] += duration
+        per_kernel[event["name"]] = per_kernel.get(event["name"], 0.0) + duration
         intervals.append((start, start + duration))
     busy = union_length(intervals)
     per_category[IDLE] = max(window_us - busy, 0.0)
     return {"steps": steps, "window_ms_per_step": window_us / steps / 1e3,
             "ms_per_step": {k: v / steps / 1e3 for k, v in per_category.items()},
-            "share": {k: v / window_us if window_us else 0.0 for k, v in per_category.items()}}
+            "share": {k: v / window_us if window_us else 0.0 for k, v in per_category.items()},
+            "top_kernels": [{"name": name[:120], "category": classify(name), "ms_per_step": total / steps / 1e3}
+                            for name, total in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]]}
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
