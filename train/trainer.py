@@ -201,6 +201,9 @@ class Trainer:
         self.best_val = math.inf
         if resume:
             self.load_latest()
+            if self.profiler is not None and self.step >= self.profiler.first_step:
+                raise ConfigError(f"--profile-steps: the run resumes at step {self.step}, past the first profiled "
+                                  f"step {self.profiler.first_step + 1}; profile fewer steps")
         self.forward_model = self.wrap_model()
 
     def make_profiler(self, steps: int):
