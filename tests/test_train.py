@@ -92,9 +92,10 @@ def test_missing_packs_are_listed_before_step_one(packed, tmp_path, capsys):
     assert "just pack --seq-len 128" in capsys.readouterr().err
 
 
-def test_fp8_without_gpu_is_an_error_not_bf16(packed, tmp_path, capsys):
-    assert train(packed, write_config(tmp_path / "c.toml"), "--run", "fp8", "--precision", "fp8") == 2
-    assert "FP8 needs a CUDA GPU" in capsys.readouterr().err
+@pytest.mark.parametrize("mode, message", [("fp8", "FP8 needs a CUDA GPU"), ("te-bf16", "te-bf16 needs a CUDA GPU")])
+def test_transformer_engine_modes_without_gpu_are_an_error_not_bf16(packed, tmp_path, capsys, mode, message):
+    assert train(packed, write_config(tmp_path / "c.toml"), "--run", mode, "--precision", mode) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_existing_run_is_not_overwritten(packed, tmp_path, capsys):

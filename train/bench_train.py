@@ -128,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         pass
     table = markdown_table(["preset", "mode", "tokens/s", "vs best bf16-compiled", "MFU", "peak GB",
                             "loss start -> end", "val bpb (vs that run)", "steps / tokens", "wall s"], rows)
-    body = (f"`python -m train.bench_train --configs {args.configs} --modes {args.modes} --steps {args.steps}"
-            + (f" --profile-steps {args.profile_steps}" if args.profile_steps else "") + "".join(f" --set {s}" for s in args.set) + f"` on {device} ({time.strftime('%Y-%m-%d')}, {versions}).\n\n"
-            f"{table}\n\ntokens/s and MFU average the logged windows after the first two (compilation, warm-up); "
+    invocation = (f"python -m train.bench_train --configs {args.configs} --modes {args.modes} --steps {args.steps}"
+                  + (f" --profile-steps {args.profile_steps}" if args.profile_steps else "")
+                  + "".join(f" --set {s}" for s in args.set))
+    body = (f"`{invocation}` on {device} ({time.strftime('%Y-%m-%d')}, {versions}).\n\n{table}\n\n"
+            "tokens/s and MFU average the logged windows after the first two (compilation, warm-up); "
             "MFU counts 6 x matmul parameters + attention FLOPs per token against 989 TFLOP/s.")
     if profile_rows:
         body += (f"\n\nWhere the GPU time goes: the last {args.profile_steps} steps of each run under `torch.profiler` "
