@@ -27,7 +27,7 @@ def write_config(path, steps=(6, 6), **run):
     raw["optim"].update(tokens_per_step=512, warmup_tokens=1024, lr=1e-2)
     raw["curriculum"] = [{"seq_len": 32, "tokens": 512 * steps[0], "micro_batch": 8},
                          {"seq_len": 64, "tokens": 512 * steps[1], "micro_batch": 4}]
-    raw["run"].update(log_every=1, eval_every=1000, eval_rows=32, checkpoint_every=1000, **run)
+    raw["run"].update({"log_every": 1, "eval_every": 1000, "eval_rows": 32, "checkpoint_every": 1000, **run})
     lines = []
     for section, values in raw.items():
         if section == "curriculum":
@@ -304,3 +304,27 @@ def test_compiled_model_runs_te_projections_eagerly_between_graphs(monkeypatch):
     assert te_layer.traced == [False, False] and te_layer.seen_first_microbatch == [True, False]
     assert torch.allclose(loss, eager_loss, atol=1e-5)
     assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), eager_grads))
+
+
+def test_evaluation_time_is_not_counted_as_training_time(packed, tmp_path, monkeypatch):
+    """A window's tokens/s covers its training steps only: a slow evaluation before it does not count."""
+    from train import trainer as trainer_module
+
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    real_evaluate = trainer_module.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        clock.now += 1000.0  # a thousand seconds of validation
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate", slow_evaluate)
+    assert train(packed, write_config(tmp_path / "c.toml", steps=(4, 2), eval_every=1), "--run", "eval-time") == 0
+    lines = [json.loads(line) for line in (packed / "runs/eval-time/metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and all("val_loss" in m for m in lines)
+    assert all(m["tokens_per_s"] > 512 for m in lines)  # no window took a second, let alone 1000
+
+
+def test_profiling_needs_a_gpu(packed, tmp_path, capsys):
+    assert train(packed, write_config(tmp_path / "c.toml"), "--run", "prof", "--profile-steps", "2") == 2
+    assert "--profile-steps profiles GPU kernels" in capsys.readouterr().err
