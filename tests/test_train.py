@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import types
 
 import pytest
@@ -328,3 +329,37 @@ def test_evaluation_time_is_not_counted_as_training_time(packed, tmp_path, monke
 def test_profiling_needs_a_gpu(packed, tmp_path, capsys):
     assert train(packed, write_config(tmp_path / "c.toml"), "--run", "prof", "--profile-steps", "2") == 2
     assert "--profile-steps profiles GPU kernels" in capsys.readouterr().err
+
+
+def test_norm_hands_the_next_gemm_the_autocast_dtype():
+    """Under BF16 autocast the norm's output is BF16 (so a TE projection gets no FP32 input to cast
+    and no FP32 gradient to convert); without autocast it stays the exact FP32 norm."""
+    from train.model import RMSNorm
+
+    norm = RMSNorm(16, 1e-5)
+    x = torch.randn(3, 16, requires_grad=True)
+    exact = torch.nn.functional.rms_norm(x, (16,), norm.weight, 1e-5)
+    assert torch.equal(norm(x), exact)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, exact.to(torch.bfloat16))
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
+def test_transformer_engine_is_pointed_at_torchs_cudnn(tmp_path, monkeypatch):
+    """TE would load the first libcudnn under CUDA_HOME or /usr/local/cuda; we name torch's copy,
+    found in the process's mappings, unless the user already named one."""
+    from train.precision import use_torchs_cudnn
+
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 00:00 0 \n"
+                    "7f01-7f02 r-xp 00000000 08:01 42 /site/nvidia/cudnn/lib/libcudnn_graph.so.9\n"
+                    "7f02-7f03 r-xp 00000000 08:01 43 /site/nvidia/cudnn/lib/libcudnn.so.9\n")
+    monkeypatch.delenv("CUDNN_HOME", raising=False)
+    monkeypatch.delenv("CUDNN_PATH", raising=False)
+    use_torchs_cudnn(maps)
+    assert os.environ["CUDNN_PATH"] == "/site/nvidia/cudnn/lib"
+    monkeypatch.setenv("CUDNN_PATH", "/mine")
+    use_torchs_cudnn(maps)
+    assert os.environ["CUDNN_PATH"] == "/mine"
