@@ -155,8 +155,10 @@ class Attention(nn.Module):
         if flash_attn_varlen_func is not None:
             return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
         if self.varlen is None:
+            from train.precision import import_transformer_engine
+
             try:
-                import transformer_engine.pytorch as te
+                te = import_transformer_engine()
             except ImportError:
                 raise ConfigError("attention.doc_mask on the GPU needs flash-attn or Transformer Engine; install one "
                                   "or set attention.doc_mask = false") from None

@@ -15,6 +15,7 @@ between them (norms, RoPE, attention, SwiGLU, the loss) is compiled around them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,19 +125,33 @@ class Precision:
                                   f"by {block}; change the model width or set precision.map.{name} = \"bf16\"")
 
 
-def use_torchs_cudnn(maps: Path = Path("/proc/self/maps")) -> None:
-    """Point Transformer Engine at the cuDNN torch already loaded, unless the user chose one.
+def import_transformer_engine():
+    """transformer_engine.pytorch, sharing torch's cuDNN; ImportError where it is not installed."""
+    use_torchs_cudnn()
+    import transformer_engine.pytorch as te
 
-    On import TE loads the first libcudnn it finds under $CUDNN_HOME, $CUDNN_PATH, $CUDA_HOME or
-    /usr/local/cuda, globally. Where that is another copy than torch's, torch's attention stops
-    choosing cuDNN and falls back to flash-attention-2, about 40% slower on an H100 (issue 7)."""
+    return te
+
+
+def use_torchs_cudnn(maps: Path = Path("/proc/self/maps")) -> None:
+    """Make Transformer Engine share the cuDNN that torch loaded, unless the user chose one
+    ($CUDNN_HOME or $CUDNN_PATH).
+
+    TE's core library links cuDNN's sub-libraries by name, and the loader would find the system's
+    copies (cuDNN 9.14 on our H100 image; torch ships 9.19). With two builds mixed in one process,
+    torch's attention stops choosing cuDNN and runs flash-attention 2, about 40% slower on an H100
+    (issue 7). Loading torch's own sub-libraries first, globally, makes every later lookup by name
+    resolve to them, and $CUDNN_PATH makes TE's own search for libcudnn find torch's first."""
     if "CUDNN_HOME" in os.environ or "CUDNN_PATH" in os.environ or not maps.exists():
         return
-    for line in maps.read_text().splitlines():
-        path = Path(line.split()[-1])
-        if path.name.startswith("libcudnn.so"):
-            os.environ["CUDNN_PATH"] = str(path.parent)
-            return
+    torch.backends.cudnn.version()  # loads torch's libcudnn if nothing has yet
+    paths = (Path(line.split()[-1]) for line in maps.read_text().splitlines())
+    lib = next((path for path in paths if path.name.startswith("libcudnn.so")), None)
+    if lib is None:
+        return
+    os.environ["CUDNN_PATH"] = str(lib.parent)
+    for sub in sorted(lib.parent.glob("libcudnn_*.so*"), key=lambda path: "_graph." not in path.name):
+        ctypes.CDLL(str(sub), mode=ctypes.RTLD_GLOBAL)  # the graph library first: the others link it
 
 
 def cached_cast_linear(te, precision: "Precision"):
@@ -159,9 +174,8 @@ def require_transformer_engine(device: torch.device, fp8: bool):
     major, minor = torch.cuda.get_device_capability(device)
     if fp8 and (major, minor) < (8, 9):
         raise ConfigError(f"FP8 needs compute capability 8.9+, this GPU has {major}.{minor}: use --precision bf16")
-    use_torchs_cudnn()
     try:
-        import transformer_engine.pytorch as te
+        te = import_transformer_engine()
     except ImportError as err:
         raise ConfigError(f"FP8 needs NVIDIA Transformer Engine (`pip install transformer-engine[pytorch]`), which "
                           f"does not import here ({err}); or use --precision bf16") from None
