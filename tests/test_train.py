@@ -363,3 +363,24 @@ def test_transformer_engine_is_pointed_at_torchs_cudnn(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDNN_PATH", "/mine")
     use_torchs_cudnn(maps)
     assert os.environ["CUDNN_PATH"] == "/mine"
+
+
+def test_torchs_cudnn_libraries_are_loaded_before_transformer_engine(monkeypatch):
+    """The fix itself: every cuDNN sub-library beside torch's libcudnn is mapped into the process,
+    so TE's links by name resolve to torch's build rather than a system copy."""
+    from pathlib import Path
+
+    from train.precision import use_torchs_cudnn
+
+    torch.backends.cudnn.version()
+    loaded = [Path(line.split()[-1]) for line in Path("/proc/self/maps").read_text().splitlines()]
+    lib = next((path for path in loaded if path.name.startswith("libcudnn.so")), None)
+    if lib is None:
+        pytest.skip("this torch build loads no cuDNN")
+    monkeypatch.delenv("CUDNN_HOME", raising=False)
+    monkeypatch.delenv("CUDNN_PATH", raising=False)
+    use_torchs_cudnn()
+    mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()}
+    wanted = {str(path) for path in lib.parent.glob("libcudnn_*.so*")}
+    assert wanted and wanted <= mapped
+    assert os.environ["CUDNN_PATH"] == str(lib.parent)
