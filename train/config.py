@@ -89,7 +89,7 @@ class RunConfig:
     checkpoint_every: int = 500  # optimizer steps between checkpoints (and at every stage end)
     keep_last: int = 3  # checkpoints kept besides the best
     max_bad_steps: int = 5  # consecutive NaN/Inf steps that stop the run
-    compile: bool = True  # torch.compile the model on a GPU (TE projections stay eager, compiled around)
+    compile: bool = True  # torch.compile the model and loss on a GPU (TE projections stay eager, compiled around)
     seed: int = 0  # model initialisation seed
 
 

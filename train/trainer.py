@@ -205,6 +205,10 @@ class Trainer:
                 raise ConfigError(f"--profile-steps: the run resumes at step {self.step}, past the first profiled "
                                   f"step {self.profiler.first_step + 1}; profile fewer steps")
         self.forward_model = self.wrap_model()
+        # Compiled, the loss's FP32 upcast, log-softmax and their backward fuse into a few kernels
+        # reading the BF16 logits: no FP32 copy of the logits is written (it grows with the vocabulary).
+        compiled = self.config.run.compile and self.device.type == "cuda"
+        self.loss_fn = torch.compile(cross_entropy) if compiled else cross_entropy
 
     def make_profiler(self, steps: int):
         if not steps:
@@ -336,7 +340,7 @@ class Trainer:
                         with self.precision.autocast(group):
                             logits = self.forward_model(batch.inputs,
                                                         batch.doc_lens if cfg.attention.doc_mask else None)
-                        loss = cross_entropy(logits, batch.targets, reduction="sum") / n_targets
+                        loss = self.loss_fn(logits, batch.targets, reduction="sum") / n_targets
                         (loss * self.dist.world_size).backward()  # DDP averages gradients over ranks
                     step_loss += loss.detach()
                 self.precision.first_microbatch = None  # evaluation and the next step recast the weights
