@@ -204,11 +204,11 @@ class Trainer:
             if self.profiler is not None and self.step >= self.profiler.first_step:
                 raise ConfigError(f"--profile-steps: the run resumes at step {self.step}, past the first profiled "
                                   f"step {self.profiler.first_step + 1}; profile fewer steps")
+        self.compiled = config.run.compile and device.type == "cuda"
         self.forward_model = self.wrap_model()
         # Compiled, the loss's FP32 upcast, log-softmax and their backward fuse into a few kernels
         # reading the BF16 logits: no FP32 copy of the logits is written (it grows with the vocabulary).
-        compiled = self.config.run.compile and self.device.type == "cuda"
-        self.loss_fn = torch.compile(cross_entropy) if compiled else cross_entropy
+        self.loss_fn = torch.compile(cross_entropy) if self.compiled else cross_entropy
 
     def make_profiler(self, steps: int):
         if not steps:
@@ -237,7 +237,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.config.run.compile and self.device.type == "cuda":
+        if self.compiled:
             model = torch.compile(model)  # TE projections are graph breaks: compiled around, run eagerly
         return model
 
