@@ -35,27 +35,27 @@ sample *args:
 
 # the whole pipeline on an embedded corpus: no download, no GPU, separate demo/ folder
 demo *args:
-    {{python}} -m pipeline.demo "$@"
+    {{python}} -m benchmarks.demo "$@"
 
 # write a synthetic frwiki-format JSONL (the demo's corpus and the benchmarks' input)
 make-corpus *args:
-    {{python}} -m pipeline make-corpus "$@"
+    {{python}} -m benchmarks.synthetic_corpus "$@"
 
 # extraction throughput vs bare orjson, written to docs/benchmarks.md
 bench-extract *args:
-    {{python}} -m pipeline bench-extract "$@"
+    {{python}} -m benchmarks.bench_extract "$@"
 
 # tokenizer training and encoding throughput, SuperBPE vs BPE compression
 bench-tokenize *args:
-    {{python}} -m pipeline bench-tokenize "$@"
+    {{python}} -m benchmarks.bench_tokenize "$@"
 
 # packing throughput on a synthetic 100M-token stream
 bench-pack *args:
-    {{python}} -m pipeline bench-pack "$@"
+    {{python}} -m benchmarks.bench_pack "$@"
 
 # packed-data loader throughput
 bench-loader *args:
-    {{python}} -m train.bench_loader "$@"
+    {{python}} -m benchmarks.bench_loader "$@"
 
 # run the test suite
 test *args:
@@ -63,12 +63,12 @@ test *args:
 
 # precision modes side by side on the GPU (tokens/s, MFU, memory, loss, bpb) into docs/benchmarks.md
 bench-train *args:
-    {{python}} -m train.bench_train "$@"
+    {{python}} -m benchmarks.bench_train "$@"
 
 # 1 vs 2 GPUs under torchrun: scaling efficiency, loss match, cross-GPU-count resume, rank death
 bench-scaling *args:
-    {{python}} -m train.bench_scaling "$@"
+    {{python}} -m benchmarks.bench_scaling "$@"
 
 # each projection of a preset, torch BF16 vs TE FP8 at the model's shapes: the per-projection FP8 policy
 bench-linear *args:
-    {{python}} -m train.bench_linear "$@"
+    {{python}} -m benchmarks.bench_linear "$@"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -19,10 +18,6 @@ STAGES = {  # command -> module (each exposes add_arguments and run)
     "extract-paragraphs": "pipeline.extract",
     "tokenize": "pipeline.tokenize_stage",
     "pack": "pipeline.pack",
-    "make-corpus": "pipeline.corpus_gen",
-    "bench-extract": "pipeline.bench_extract",
-    "bench-tokenize": "pipeline.bench_tokenize",
-    "bench-pack": "pipeline.bench_pack",
 }
 
 
@@ -39,14 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, module_name in STAGES.items():
-        if importlib.util.find_spec(module_name) is None:
-            continue
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or "").strip()
         sub = subparsers.add_parser(name, help=doc.splitlines()[0] if doc else name, description=doc,
                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        if getattr(module, "STAGE_ARGUMENTS", True):
-            add_common_arguments(sub)
+        add_common_arguments(sub)
         module.add_arguments(sub)
         sub.set_defaults(func=module.run)
     return parser

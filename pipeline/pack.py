@@ -19,7 +19,7 @@ from tqdm import tqdm
 from pipeline import paths
 from pipeline.errors import StageError
 from pipeline.manifest import StageRun, atomic_path, remove_stale_temporaries, verify_input
-from train.packed import SPLITS, check_seq_len, manifest_name, split_files
+from pipeline.packed import SPLITS, check_seq_len, manifest_name, split_files
 
 COPY_CHUNK_TOKENS = 1 << 24
 

@@ -43,7 +43,7 @@ def paragraph(value: str, **extra) -> dict:
 
 def build_packed_corpus(root: Path, corpus_bytes: int, seed: int, vocab_size: int, seq_lens: str) -> Path:
     """Real packed data from the whole pipeline on a generated corpus (plain BPE, for speed)."""
-    from pipeline.corpus_gen import write_corpus
+    from benchmarks.synthetic_corpus import write_corpus
 
     write_corpus(root / "in.jsonl", corpus_bytes, seed=seed)
     common = ("--data-dir", root / "data", "--manifests", root / "manifests")

@@ -5,7 +5,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.corpus_gen import write_corpus
+from benchmarks.synthetic_corpus import write_corpus
 from pipeline.extract import ExtractOptions, extract
 from tests.conftest import article, paragraph, run_stage, section, write_jsonl
 

@@ -9,7 +9,7 @@ import pytest
 from pipeline.pack import best_fit_decreasing
 from tests.conftest import build_packed_corpus, run_stage
 from train.loader import IGNORE_INDEX, PackedLoader
-from train.packed import PackedDataError, PackedSplit
+from pipeline.packed import PackedDataError, PackedSplit
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from pipeline.corpus_gen import write_corpus
+from benchmarks.synthetic_corpus import write_corpus
 from pipeline.tokenize_stage import DOC_INDEX_DTYPE, choose_val_articles, iter_documents
 from tests.conftest import run_stage
 

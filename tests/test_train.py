@@ -12,7 +12,7 @@ from torch import nn
 from tests.conftest import build_packed_corpus
 from train.__main__ import main as train_main
 from train.config import PROJECTIONS, ConfigError, from_dict, load
-from train.packed import PackedSplit
+from pipeline.packed import PackedSplit
 from train.precision import Precision
 
 

@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from train.config import PRECISIONS, RECIPES, ConfigError, apply_overrides, apply_settings, load
-from train.packed import PackedDataError
+from pipeline.packed import PackedDataError
 
 
 def build_parser() -> argparse.ArgumentParser:

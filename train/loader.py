@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from train.packed import PackedSplit
+from pipeline.packed import PackedSplit
 
 IGNORE_INDEX = -100
 

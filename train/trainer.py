@@ -24,7 +24,7 @@ from train import checkpoint
 from train.config import ConfigError, TrainConfig
 from train.loader import IGNORE_INDEX, PackedLoader, make_batch
 from train.model import Transformer, cross_entropy
-from train.packed import PackedDataError, PackedDataMissing, PackedSplit, check_seq_len
+from pipeline.packed import PackedDataError, PackedDataMissing, PackedSplit, check_seq_len
 from train.precision import Precision
 
 H100_BF16_DENSE_FLOPS = 989e12

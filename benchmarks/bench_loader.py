@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 from train.loader import PackedLoader
-from train.packed import PackedSplit
+from pipeline.packed import PackedSplit
 
 H100_SMALL_TOKENS_PER_S = 532_000
 
 
 def build_demo_packs(root: Path, seq_lens: list[int]) -> None:
     from pipeline.cli import main as pipeline_main
-    from pipeline.corpus_gen import write_corpus
+    from benchmarks.synthetic_corpus import write_corpus
 
     write_corpus(root / "corpus.jsonl", 30_000_000, seed=4)
     common = ["--data-dir", str(root / "data"), "--manifests", str(root / "manifests")]
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=300, help="batches timed per length")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
-    from pipeline.bench_report import machine_line, markdown_table, update_section
+    from benchmarks.report import machine_line, markdown_table, update_section
 
     seq_lens = [int(s) for s in args.seq_len.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

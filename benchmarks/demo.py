@@ -24,7 +24,7 @@ SEQ_LENS = (64, 256)
 
 def unigram_bpb(data_dir: Path, manifests: Path, seq_len: int) -> float:
     """Bits per byte of a unigram model (train counts, add-one) on the same val targets the model is scored on."""
-    from train.packed import PackedSplit
+    from pipeline.packed import PackedSplit
 
     tokens_info = json.loads((manifests / "tokenize.json").read_text())["tokens"]
     train_tokens = np.fromfile(data_dir / "tokens" / "train.bin", dtype=np.dtype(tokens_info["dtype"]))
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipeline.cli import main as pipeline_main
-    from pipeline.corpus_gen import write_corpus
+    from benchmarks.synthetic_corpus import write_corpus
     from train.__main__ import main as train_main
     from train.sample import SampleSettings, load_model, sample_text
 

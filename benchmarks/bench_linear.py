@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformer_engine
     import transformer_engine.pytorch as te
 
-    from pipeline.bench_report import markdown_table, update_section
+    from benchmarks.report import markdown_table, update_section
 
     recipe = make_recipe(args.recipe)
     rows = []
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(["preset", "projection", "shape", "tokens", "torch bf16 ms", "te no-fp8 ms",
                             "te fp8 ms (fp32 w)", "te fp8 ms (bf16 w)", "fp8 speed-up (fp32 w)",
                             "fp8 speed-up (bf16 w)"], rows)
-    body = (f"`python -m train.bench_linear --configs {args.configs} --tokens {args.tokens} --vocab-size "
+    body = (f"`python -m benchmarks.bench_linear --configs {args.configs} --tokens {args.tokens} --vocab-size "
             f"{args.vocab_size} --recipe {args.recipe}` on {torch.cuda.get_device_name()} ({time.strftime('%Y-%m-%d')}, "
             f"torch {torch.__version__}, Transformer Engine {transformer_engine.__version__}).\n\n{table}\n\n"
             "Forward + backward of one projection, host launch work included; FP8 weight casts once per step. "

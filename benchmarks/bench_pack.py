@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-STAGE_ARGUMENTS = False
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=100_000_000, help="size of the synthetic token stream")
@@ -23,10 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.bench_report import machine_line, markdown_table, update_section
+    from benchmarks.report import machine_line, markdown_table, update_section
     from pipeline.pack import pack_split
     from pipeline.tokenize_stage import DOC_INDEX_DTYPE
-    from train.packed import split_files
+    from pipeline.packed import split_files
 
     rng = np.random.default_rng(0)
     lengths = np.maximum(2, rng.lognormal(6.0, 1.1, size=args.tokens // 300).astype(np.int64))
@@ -52,3 +50,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_doc:
         update_section("Pack", body)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="just bench-pack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -16,8 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGE_ARGUMENTS = False
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", type=Path, default=None, help="frwiki JSONL to use instead of a generated corpus")
@@ -30,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(kind: str, texts_file: str, vocab: int, transition: int, out: str, queue) -> None:
-    from pipeline.bench_report import peak_rss_mb
+    from benchmarks.report import peak_rss_mb
     from pipeline.tokenize_stage import train_tokenizer
 
     texts = Path(texts_file).read_text().split("\x00")
@@ -86,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tokenizers import Tokenizer
 
-    from pipeline.bench_report import machine_line, markdown_table, update_section
-    from pipeline.corpus_gen import write_corpus
+    from benchmarks.report import machine_line, markdown_table, update_section
+    from benchmarks.synthetic_corpus import write_corpus
     from pipeline.extract import ExtractOptions, extract
     from pipeline.tokenize_stage import choose_val_articles, iter_documents, training_texts
 
@@ -150,3 +148,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_doc:
         update_section("Tokenize" + (f" ({Path(args.input).name})" if args.input else ""), body)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="just bench-tokenize", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

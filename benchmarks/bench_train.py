@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--title", default="Train", help="section title in docs/benchmarks.md")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
-    from pipeline.bench_report import markdown_table, update_section
+    from benchmarks.report import markdown_table, update_section
 
     from train.profile import ORDER
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     table = markdown_table(["preset", "mode", "tokens/s", "vs best bf16-compiled", "MFU", "peak GB",
                             "loss start -> end", "val bpb (vs that run)", "steps / tokens", "wall s"], rows)
-    invocation = (f"python -m train.bench_train --configs {args.configs} --modes {args.modes} --steps {args.steps}"
+    invocation = (f"python -m benchmarks.bench_train --configs {args.configs} --modes {args.modes} --steps {args.steps}"
                   + (f" --profile-steps {args.profile_steps}" if args.profile_steps else "")
                   + "".join(f" --set {s}" for s in args.set))
     body = (f"`{invocation}` on {device} ({time.strftime('%Y-%m-%d')}, {versions}).\n\n{table}\n\n"

@@ -14,8 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGE_ARGUMENTS = False
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--megabytes", type=float, default=1000.0, help="size of the generated file")
@@ -27,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _bare_parse(path: str, queue) -> None:
     import orjson
 
-    from pipeline.bench_report import peak_rss_mb
+    from benchmarks.report import peak_rss_mb
 
     start = time.perf_counter()
     with open(path, "rb") as f:
@@ -37,7 +35,7 @@ def _bare_parse(path: str, queue) -> None:
 
 
 def _extract(path: str, output: str, workers: int, queue) -> None:
-    from pipeline.bench_report import peak_rss_mb
+    from benchmarks.report import peak_rss_mb
     from pipeline.extract import DEFAULT_CHUNK_BYTES, ExtractOptions, extract
 
     start = time.perf_counter()
@@ -55,8 +53,8 @@ def measure(target, *args) -> tuple[float, float, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.bench_report import machine_line, markdown_table, update_section
-    from pipeline.corpus_gen import write_corpus
+    from benchmarks.report import machine_line, markdown_table, update_section
+    from benchmarks.synthetic_corpus import write_corpus
 
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         path = args.input
@@ -80,3 +78,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_doc:
         update_section("Extract", body)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="just bench-extract", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="scaling,resume,kill", help="which checks to run")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args(argv)
-    from pipeline.bench_report import markdown_table, update_section
+    from benchmarks.report import markdown_table, update_section
 
     parts = args.parts.split(",")
     lines = []
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = "CPU (gloo)" if args.cpu else f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
-    body = (f"`python -m train.bench_scaling --config {args.config} --modes {args.modes} --steps {args.steps}"
+    body = (f"`python -m benchmarks.bench_scaling --config {args.config} --modes {args.modes} --steps {args.steps}"
             + "".join(f" --set {s}" for s in args.set) + f"` on {device} ({time.strftime('%Y-%m-%d')}).\n\n"
             + "\n\n".join(lines))
     print(body)

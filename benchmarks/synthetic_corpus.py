@@ -16,8 +16,6 @@ import orjson
 
 from pipeline.manifest import atomic_path
 
-STAGE_ARGUMENTS = False
-
 PRENOMS = ["Jean", "Marie", "Pierre", "Louise", "Jacques", "Anne", "Henri", "Camille", "Louis", "Jeanne", "Paul",
            "Marguerite", "François", "Hélène", "Étienne", "Céline", "Gabriel", "Élise", "Antoine", "Joséphine",
            "Théodore", "Geneviève", "Hugues", "Brigitte", "Aurélien", "Noémie", "Rémi", "Océane", "Benoît", "Adèle"]
@@ -223,3 +221,14 @@ def run(args: argparse.Namespace) -> int:
     lines = write_corpus(args.output, int(args.megabytes * 1e6), args.seed)
     print(f"make-corpus: {lines:,} articles -> {args.output}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="just make-corpus", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
