@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             data_dir, manifests = Path(tmp) / "data", Path(tmp) / "manifests"
             build_demo_packs(Path(tmp), seq_lens)
         for seq_len in seq_lens:
-            split = PackedSplit.open(data_dir / "packed" / f"seq{seq_len}", "train", manifests)
+            split = PackedSplit.open(data_dir, seq_len, "train", manifests)
             batch_rows = max(1, min(args.batch_tokens // seq_len, split.n_rows))
             loader = PackedLoader(split, batch_rows=batch_rows, seed=0, device=device)
             next(loader)  # start the prefetch thread

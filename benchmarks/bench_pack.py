@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.report import machine_line, markdown_table, update_section
     from pipeline.pack import pack_split
     from pipeline.tokenize_stage import DOC_INDEX_DTYPE
-    from pipeline.packed import split_files
+    from pipeline.layout import packed_files
 
     rng = np.random.default_rng(0)
     lengths = np.maximum(2, rng.lognormal(6.0, 1.1, size=args.tokens // 300).astype(np.int64))
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         stream[:] = rng.integers(2, 65535, size=stream.size, dtype=np.uint16)
         for seq_len in (int(n) for n in args.seq_len.split(",")):
             start = time.perf_counter()
-            counts = pack_split(stream, index, seq_len, 1, split_files(Path(tmp) / f"seq{seq_len}", "train"),
+            counts = pack_split(stream, index, seq_len, 1, packed_files(Path(tmp) / f"seq{seq_len}", "train"),
                                 progress=False)
             seconds = time.perf_counter() - start
             rows.append([seq_len, f"{counts['tokens']:,}", f"{counts['documents']:,}", f"{seconds:.1f}",

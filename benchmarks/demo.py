@@ -24,13 +24,16 @@ SEQ_LENS = (64, 256)
 
 def unigram_bpb(data_dir: Path, manifests: Path, seq_len: int) -> float:
     """Bits per byte of a unigram model (train counts, add-one) on the same val targets the model is scored on."""
+    from pipeline import layout
+    from pipeline.manifest import tokens_info
     from pipeline.packed import PackedSplit
 
-    tokens_info = json.loads((manifests / "tokenize.json").read_text())["tokens"]
-    train_tokens = np.fromfile(data_dir / "tokens" / "train.bin", dtype=np.dtype(tokens_info["dtype"]))
-    counts = np.bincount(train_tokens, minlength=tokens_info["vocab_size"]).astype(np.float64) + 1
+    info = tokens_info(manifests)
+    train_bin, _ = layout.token_files(layout.tokens_dir(data_dir), "train")
+    train_tokens = np.fromfile(train_bin, dtype=np.dtype(info.dtype))
+    counts = np.bincount(train_tokens, minlength=info.vocab_size).astype(np.float64) + 1
     log_p = np.log(counts / counts.sum())
-    val = PackedSplit.open(data_dir / "packed" / f"seq{seq_len}", "val", manifests)
+    val = PackedSplit.open(data_dir, seq_len, "val", manifests)
     targets = np.asarray(val.rows[:, 1:]).reshape(-1)
     targets = targets[targets != val.pad_id]
     return float(-log_p[targets].sum() / math.log(2) / val.utf8_bytes)
@@ -89,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     model, state = load_model(runs / "tiny" / "checkpoints" / "best.pt", torch.device(device))
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(data / "tokenizer" / "tokenizer.json"))
+    from pipeline import layout
+
+    tokenizer = Tokenizer.from_file(str(layout.tokenizer_file(data)))
     prompt = "La commune de"
     sys.stdout.write("\n" + prompt)
     sample = sample_text(model, tokenizer, prompt, SampleSettings(max_new_tokens=80, temperature=0.8, top_p=0.95),

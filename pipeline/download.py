@@ -16,9 +16,9 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from pipeline import paths
+from pipeline import layout
 from pipeline.errors import StageError
-from pipeline.manifest import StageRun, atomic_path, file_record, remove_stale_temporaries
+from pipeline.manifest import StageRun, atomic_path, file_record
 
 STAGE = "download"
 DEFAULT_DATASET = "wikimedia-foundation/wikipedia-structured-contents"
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=DEFAULT_DATASET, help="Kaggle dataset owner/slug")
     parser.add_argument("--version", type=int, default=DEFAULT_VERSION,
                         help="dataset version (the JSONL files exist only in version 1)")
-    parser.add_argument("--file", default=paths.DEFAULT_FILE, help="file inside the dataset")
+    parser.add_argument("--file", default=layout.DEFAULT_FILE, help="file inside the dataset")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: DATA_DIR/raw)")
     parser.add_argument("--from", dest="from_path", type=Path, default=None,
                         help="take this local file (JSONL, or a zip holding it) instead of downloading")
@@ -108,7 +108,7 @@ def fetch_from_kaggle(dataset: str, version: int, file: str, staging: Path) -> P
 
 
 def run(args: argparse.Namespace) -> int:
-    out_dir = args.out or (args.data_dir / "raw")
+    out_dir = args.out or layout.raw_dir(args.data_dir)
     final = out_dir / Path(args.file).name
     if args.from_path is not None:
         if not args.from_path.is_file():
@@ -119,11 +119,8 @@ def run(args: argparse.Namespace) -> int:
         parameters = {"dataset": args.dataset, "version": args.version, "file": args.file}
         inputs = []
     stage = StageRun(STAGE, args.manifests, parameters, inputs, force=args.force)
-    if stage.up_to_date():
-        print(f"{STAGE}: up to date ({final}); use --force to fetch again")
+    if not stage.start(final, [out_dir]):
         return 0
-    stage.begin()
-    remove_stale_temporaries(out_dir)
     if args.from_path is not None:
         materialize(args.from_path, final)
     else:

@@ -10,10 +10,10 @@ the first) and are removed in a second pass over the Parquet only when there are
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -24,9 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline import paths
+from pipeline import layout
 from pipeline.errors import StageError
-from pipeline.manifest import StageRun, atomic_path, remove_stale_temporaries, verify_input
+from pipeline.manifest import StageRun, atomic_path, verify_input
+from pipeline.workers import ordered_map
 
 STAGE = "extract-paragraphs"
 SCHEMA = pa.schema([
@@ -203,11 +204,12 @@ def _parse_lines(data: bytes, options: ExtractOptions, ends_file: bool) -> Chunk
     return result
 
 
-def process_range(path: str, start: int, end: int, ends_file: bool, options: ExtractOptions) -> ChunkResult:
+def process_range(path: str, size: int, options: ExtractOptions, byte_range: tuple[int, int]) -> ChunkResult:
+    start, end = byte_range
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
-    return parse_lines(data, options, ends_file)
+    return parse_lines(data, options, ends_file=end == size)
 
 
 def line_aligned_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -238,26 +240,6 @@ def check_input_kind(path: Path) -> None:
                          f"(`just download --from {path}` extracts a zip)")
 
 
-def ordered_results(path: Path, ranges: list[tuple[int, int]], options: ExtractOptions, workers: int):
-    """Yield (range, ChunkResult) in file order, keeping at most 2 ranges per worker in flight."""
-    size = path.stat().st_size
-    if workers <= 1:
-        for start, end in ranges:
-            yield (start, end), process_range(str(path), start, end, end == size, options)
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
-        todo = iter(ranges)
-        for start, end in todo:
-            pending.append(((start, end), pool.submit(process_range, str(path), start, end, end == size, options)))
-            if len(pending) >= 2 * workers:
-                rng, future = pending.popleft()
-                yield rng, future.result()
-        while pending:
-            rng, future = pending.popleft()
-            yield rng, future.result()
-
-
 @dataclass
 class Totals:
     lines: int = 0
@@ -285,7 +267,8 @@ def extract(path: Path, output: Path, options: ExtractOptions, workers: int, chu
         # Parquet encoding and compression release the GIL: they run on a thread, overlapped with parsing.
         with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer, ThreadPoolExecutor(1) as write_thread:
             last_write = None
-            for (start, end), chunk in ordered_results(path, ranges, options, workers):
+            parse = functools.partial(process_range, str(path), path.stat().st_size, options)
+            for (start, end), chunk in zip(ranges, ordered_map(parse, ranges, workers)):
                 for reason, numbers in chunk.bad.items():
                     totals.bad[reason] += len(numbers)
                     room = FIRST_LINES_KEPT - len(totals.bad_first_lines[reason])
@@ -367,8 +350,8 @@ def count_characters(path: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    source = args.input or paths.raw_file(args.data_dir)
-    output = args.output or paths.paragraphs_file(args.data_dir)
+    source = args.input or layout.raw_file(args.data_dir)
+    output = args.output or layout.paragraphs_file(args.data_dir)
     if args.min_chars < 1:
         raise StageError(f"--min-chars must be at least 1, got {args.min_chars}")
     if not 0 <= args.max_bad_fraction <= 1:
@@ -381,11 +364,8 @@ def run(args: argparse.Namespace) -> int:
     parameters = {"lists": options.lists, "min_chars": options.min_chars, "max_bad_fraction": args.max_bad_fraction,
                   "output": str(output)}
     stage = StageRun(STAGE, args.manifests, parameters, inputs, force=args.force)
-    if stage.up_to_date():
-        print(f"{STAGE}: up to date ({output}); use --force to rerun")
+    if not stage.start(output, [output.parent]):
         return 0
-    stage.begin()
-    remove_stale_temporaries(output.parent)
     totals = extract(Path(source), output, options, args.workers, args.chunk_bytes, args.max_bad_fraction)
     stage.add_output(output, counts={"rows": totals.rows, "articles": totals.articles,
                                      "characters": totals.characters})

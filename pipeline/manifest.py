@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline import layout
 from pipeline.errors import StageError
 
 HASH_CHUNK = 8 << 20
@@ -97,12 +98,121 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def load_manifest(path: Path) -> dict | None:
+    """A stage manifest as written by `StageRun.finish`, or None when there is none.
+
+    Checked as it is read: a manifest that is not a JSON object with the records every stage
+    writes is refused with the stage to rerun, never half-used.
+    """
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as err:
-        raise StageError(f"manifest {path} is not valid JSON ({err}); delete it and rerun its stage")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StageError(f"manifest {path} is not valid JSON ({err}); delete it and rerun `just {path.stem}`") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise StageError(f"manifest {path} is damaged ({problem}); delete it and rerun `just {path.stem}`")
+    return manifest
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    if not isinstance(manifest.get("parameters"), dict):
+        return "no parameters object"
+    for key in ("inputs", "outputs"):
+        records = manifest.get(key)
+        if not isinstance(records, list):
+            return f"no {key} list"
+        for record in records:
+            if not (isinstance(record, dict) and isinstance(record.get("path"), str)
+                    and isinstance(record.get("bytes"), int) and isinstance(record.get("sha256"), str)):
+                return f"an entry of {key} lacks path, bytes or sha256"
+    return None
+
+
+def _section(manifest: dict, name: str, where: Path, schema: dict[str, type]) -> dict:
+    """The stage-specific section of a manifest, with the keys and types a reader relies on."""
+    section = manifest.get(name)
+    missing = [key for key, kind in schema.items()
+               if not isinstance(section, dict) or not isinstance(section.get(key), kind)
+               or (kind is int and isinstance(section.get(key), bool))]
+    if missing:
+        raise StageError(f"manifest {where} is damaged (its {name!r} section lacks {', '.join(missing)}); "
+                         f"delete it and rerun `just {where.stem}`")
+    return section
+
+
+@dataclass(frozen=True)
+class TokensInfo:
+    """What `tokenize` recorded about its token stream (manifests/tokenize.json)."""
+
+    dtype: str
+    vocab_size: int
+    eot_id: int
+    pad_id: int
+    tokenizer_sha256: str
+    tokenizer_path: Path | None  # where the tokenizer was written, when the manifest lists it
+    splits: dict[str, dict[str, int]]  # split -> tokens, documents, utf8_bytes
+
+
+def tokens_info(manifests_dir: Path) -> TokensInfo:
+    path = Path(manifests_dir) / "tokenize.json"
+    manifest = load_manifest(path)
+    if manifest is None:
+        raise StageError(f"{path} is missing; run `just tokenize`")
+    info = _section(manifest, "tokens", path, {"dtype": str, "vocab_size": int, "special_ids": dict,
+                                              "tokenizer_sha256": str, "splits": dict})
+    special, splits = info["special_ids"], info["splits"]
+    if not all(isinstance(special.get(k), int) for k in ("eot", "pad")) or not all(
+            isinstance(splits.get(s), dict) and isinstance(splits[s].get("utf8_bytes"), int) for s in layout.SPLITS):
+        raise StageError(f"manifest {path} is damaged (special ids or splits); delete it and rerun `just tokenize`")
+    tokenizer = next((Path(o["path"]) for o in manifest["outputs"] if o["path"].endswith("tokenizer.json")), None)
+    return TokensInfo(dtype=info["dtype"], vocab_size=info["vocab_size"], eot_id=special["eot"],
+                      pad_id=special["pad"], tokenizer_sha256=info["tokenizer_sha256"], tokenizer_path=tokenizer,
+                      splits=splits)
+
+
+def pack_manifest_name(seq_len: int) -> str:
+    return f"pack-seq{seq_len}"
+
+
+@dataclass(frozen=True)
+class PackInfo:
+    """What `pack` recorded about one packed length (manifests/pack-seqN.json)."""
+
+    seq_len: int
+    dtype: str
+    pad_id: int
+    eot_id: int
+    vocab_size: int
+    tokenizer_sha256: str
+    splits: dict[str, dict[str, Any]]  # split -> rows, tokens, documents, utf8_bytes, ...
+    outputs: dict[Path, dict]  # resolved path -> its output record (bytes, sha256)
+    manifest_path: Path
+
+
+def pack_info(manifests_dir: Path, seq_len: int) -> PackInfo | None:
+    """The pack of this length, or None when it was never made."""
+    path = Path(manifests_dir) / f"{pack_manifest_name(seq_len)}.json"
+    manifest = load_manifest(path)
+    if manifest is None:
+        return None
+    info = _section(manifest, "pack", path, {"seq_len": int, "dtype": str, "pad_id": int, "eot_id": int,
+                                            "vocab_size": int, "tokenizer_sha256": str, "splits": dict})
+    for split in layout.SPLITS:
+        recorded = info["splits"].get(split)
+        if not (isinstance(recorded, dict) and all(isinstance(recorded.get(k), int)
+                                                   for k in ("rows", "utf8_bytes", "documents"))):
+            raise StageError(f"manifest {path} is damaged (split {split!r}); delete it and rerun "
+                             f"`just pack --seq-len {seq_len}`")
+    if info["seq_len"] != seq_len:
+        raise StageError(f"manifest {path} describes length {info['seq_len']}, not {seq_len}; rerun "
+                         f"`just pack --seq-len {seq_len} --force`")
+    return PackInfo(seq_len=seq_len, dtype=info["dtype"], pad_id=info["pad_id"], eot_id=info["eot_id"],
+                    vocab_size=info["vocab_size"], tokenizer_sha256=info["tokenizer_sha256"], splits=info["splits"],
+                    outputs={Path(o["path"]).resolve(): o for o in manifest["outputs"]}, manifest_path=path)
 
 
 def find_producer(path: Path, manifests_dir: Path) -> tuple[str, dict] | None:
@@ -163,7 +273,12 @@ class StageRun:
         return Path(self.manifests_dir) / f"{self.stage}.json"
 
     def previous(self) -> dict | None:
-        return load_manifest(self.manifest_path)
+        """The last run's manifest; a damaged one counts as none (this run rewrites it)."""
+        try:
+            return load_manifest(self.manifest_path)
+        except StageError as err:
+            print(f"{self.stage}: {err}; running again")
+            return None
 
     def up_to_date(self) -> bool:
         """True when the last run had these inputs and parameters and its outputs are intact."""
@@ -181,9 +296,17 @@ class StageRun:
                 return False
         return True
 
-    def begin(self) -> None:
-        """Drop the old manifest before any output is replaced, so old records never describe new files."""
+    def start(self, where: Path | str, output_dirs: list[Path]) -> bool:
+        """The opening every stage shares: False (saying so) when the outputs are up to date;
+        otherwise drop the old manifest, so old records never describe new files, and clear what
+        killed runs left in the output folders, then True: the stage writes, and `finish` last."""
+        if self.up_to_date():
+            print(f"{self.stage}: up to date ({where}); use --force to rerun")
+            return False
         self.manifest_path.unlink(missing_ok=True)
+        for directory in output_dirs:
+            remove_stale_temporaries(directory)
+        return True
 
     def add_output(self, path: Path, counts: dict[str, Any] | None = None, sha256: str | None = None) -> None:
         self.outputs.append(file_record(path, counts, sha256))

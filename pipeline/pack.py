@@ -9,17 +9,16 @@ row's end is padding (ignored by the loss). Each row holds N + 1 ids so it yield
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import paths
+from pipeline import layout
 from pipeline.errors import StageError
-from pipeline.manifest import StageRun, atomic_path, remove_stale_temporaries, verify_input
-from pipeline.packed import SPLITS, check_seq_len, manifest_name, split_files
+from pipeline.manifest import StageRun, atomic_path, pack_manifest_name, tokens_info, verify_input
+from pipeline.packed import check_seq_len
 
 COPY_CHUNK_TOKENS = 1 << 24
 
@@ -134,41 +133,37 @@ def pack_split(tokens: np.memmap, index: np.ndarray, seq_len: int, pad_id: int, 
 
 def run(args: argparse.Namespace) -> int:
     seq_lens = parse_seq_lens(args.seq_len)
-    tokens_dir = args.input or paths.tokens_dir(args.data_dir)
-    out_root = args.out_dir or (args.data_dir / "packed")
-    files = {split: (tokens_dir / f"{split}.bin", tokens_dir / f"{split}.docs.npy") for split in SPLITS}
+    tokens_dir = args.input or layout.tokens_dir(args.data_dir)
+    out_root = args.out_dir or layout.packed_root(args.data_dir)
+    files = {split: layout.token_files(tokens_dir, split) for split in layout.SPLITS}
     inputs = [verify_input(path, args.manifests, producer_required="tokenize")
               for pair in files.values() for path in pair]
-    tokens_manifest = json.loads((Path(args.manifests) / "tokenize.json").read_text())
-    info = tokens_manifest["tokens"]
-    tokenizer_record = next(o for o in tokens_manifest["outputs"] if o["path"].endswith("tokenizer.json"))
-    if Path(tokenizer_record["path"]).is_file():  # a tokenizer changed under its tokens is refused
-        verify_input(Path(tokenizer_record["path"]), args.manifests, producer_required="tokenize")
+    info = tokens_info(args.manifests)
+    if info.tokenizer_path is not None and info.tokenizer_path.is_file():  # a tokenizer changed under its tokens is refused
+        verify_input(info.tokenizer_path, args.manifests, producer_required="tokenize")
     for seq_len in seq_lens:
         out_dir = out_root / f"seq{seq_len}"
         parameters = {"seq_len": seq_len, "out_dir": str(out_dir)}
-        stage = StageRun(manifest_name(seq_len), args.manifests, parameters, inputs, force=args.force)
-        if stage.up_to_date():
-            print(f"pack: seq{seq_len} up to date ({out_dir}); use --force to rerun")
+        stage = StageRun(pack_manifest_name(seq_len), args.manifests, parameters, inputs, force=args.force)
+        if not stage.start(out_dir, [out_dir]):
             continue
-        stage.begin()
-        remove_stale_temporaries(out_dir)
         started = time.perf_counter()
         splits = {}
         for split, (bin_path, index_path) in files.items():
             index = np.load(index_path)
-            tokens = np.memmap(bin_path, dtype=np.dtype(info["dtype"]), mode="r")
-            counts = pack_split(tokens, index, seq_len, info["special_ids"]["pad"], split_files(out_dir, split))
-            counts["utf8_bytes"] = info["splits"][split]["utf8_bytes"]
+            tokens = np.memmap(bin_path, dtype=np.dtype(info.dtype), mode="r")
+            out_files = layout.packed_files(out_dir, split)
+            counts = pack_split(tokens, index, seq_len, info.pad_id, out_files)
+            counts["utf8_bytes"] = info.splits[split]["utf8_bytes"]
             splits[split] = counts
-            for name, path in split_files(out_dir, split).items():
+            for name, path in out_files.items():
                 stage.add_output(path, counts=counts if name == "tokens" else None)
         seconds = time.perf_counter() - started
         total_tokens = sum(s["tokens"] for s in splits.values())
         stage.finish(counters={"seconds": round(seconds, 3), "tokens_per_second": round(total_tokens / max(seconds, 1e-9))},
-                     extra={"pack": {"seq_len": seq_len, "row_len": seq_len + 1, "dtype": info["dtype"],
-                                     "pad_id": info["special_ids"]["pad"], "eot_id": info["special_ids"]["eot"],
-                                     "vocab_size": info["vocab_size"], "tokenizer_sha256": info["tokenizer_sha256"],
+                     extra={"pack": {"seq_len": seq_len, "row_len": seq_len + 1, "dtype": info.dtype,
+                                     "pad_id": info.pad_id, "eot_id": info.eot_id,
+                                     "vocab_size": info.vocab_size, "tokenizer_sha256": info.tokenizer_sha256,
                                      "splits": splits}})
         train = splits["train"]
         print(f"pack: seq{seq_len}: {train['rows']:,} train rows, padding {train['padding_fraction']:.2%}, "

@@ -9,10 +9,9 @@ the main process writes them in order, so the output is byte-identical for any w
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -21,9 +20,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline import paths
+from pipeline import layout
 from pipeline.errors import StageError
-from pipeline.manifest import StageRun, atomic_path, remove_stale_temporaries, sha256_file, verify_input
+from pipeline.manifest import StageRun, atomic_path, sha256_file, verify_input
+from pipeline.workers import ordered_map
 
 STAGE = "tokenize"
 DOC_INDEX_DTYPE = np.dtype([("start", "<i8"), ("tokens", "<i8"), ("bytes", "<i8"), ("article_id", "<i8")])
@@ -148,7 +148,7 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = Tokenizer.from_file(tokenizer_path)
 
 
-def encode_batch(batch: list[tuple[int, str, bool]], eot_id: int, dtype: str) -> EncodedBatch:
+def encode_batch(eot_id: int, dtype: str, batch: list[tuple[int, str, bool]]) -> EncodedBatch:
     encodings = _worker_tokenizer.encode_batch_fast([text for _, text, _ in batch], add_special_tokens=False)
     eot = np.array([eot_id], dtype=dtype)
     tokens: dict[bool, list] = {False: [eot[:0]], True: [eot[:0]]}
@@ -161,23 +161,6 @@ def encode_batch(batch: list[tuple[int, str, bool]], eot_id: int, dtype: str) ->
         chars += len(text)
     flat = {key: np.concatenate(parts) for key, parts in tokens.items()}
     return EncodedBatch(tokens=flat, docs=docs, chars=chars)
-
-
-def ordered_encodings(batches: Iterator, tokenizer_path: Path, eot_id: int, dtype: str,
-                      workers: int) -> Iterator[EncodedBatch]:
-    if workers <= 1:
-        _init_worker(str(tokenizer_path))
-        for batch in batches:
-            yield encode_batch(batch, eot_id, dtype)
-        return
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.submit(encode_batch, batch, eot_id, dtype))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 @dataclass
@@ -196,10 +179,13 @@ def encode_corpus(parquet: Path, tokenizer_path: Path, val_ids: np.ndarray, out_
     bar = tqdm(total=n_documents, unit="doc", desc=STAGE, disable=not progress)
     start = time.perf_counter()
     chars = 0
-    with atomic_path(out_dir / "train.bin") as train_tmp, atomic_path(out_dir / "val.bin") as val_tmp:
+    (train_bin, train_index), (val_bin, val_index) = (layout.token_files(out_dir, s) for s in ("train", "val"))
+    with atomic_path(train_bin) as train_tmp, atomic_path(val_bin) as val_tmp:
         with open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file:
             files = {"train": train_file, "val": val_file}
-            for encoded in ordered_encodings(document_batches(parquet, val_ids), tokenizer_path, eot_id, dtype, workers):
+            encode = functools.partial(encode_batch, eot_id, dtype)
+            for encoded in ordered_map(encode, document_batches(parquet, val_ids), workers,
+                                       initializer=_init_worker, initargs=(str(tokenizer_path),)):
                 for is_val, name in ((False, "train"), (True, "val")):
                     split = totals[name]
                     for n_tokens, n_bytes, article_id in encoded.docs[is_val]:
@@ -213,8 +199,8 @@ def encode_corpus(parquet: Path, tokenizer_path: Path, val_ids: np.ndarray, out_
                 done_tokens = totals["train"].tokens + totals["val"].tokens
                 bar.update(sum(len(d) for d in encoded.docs.values()))
                 bar.set_postfix_str(f"{chars / elapsed / 1e6:.1f} MB/s, {done_tokens / elapsed / 1e6:.2f} Mtok/s")
-        for name, split in totals.items():
-            with atomic_path(out_dir / f"{name}.docs.npy") as tmp:
+        for index_path, split in ((train_index, totals["train"]), (val_index, totals["val"])):
+            with atomic_path(index_path) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, np.array(split.index, dtype=DOC_INDEX_DTYPE).reshape(-1))
     bar.close()
@@ -266,9 +252,9 @@ def check_parquet(path: Path) -> pq.ParquetFile:
 def run(args: argparse.Namespace) -> int:
     from pipeline.superbpe import EOT, PAD, SPECIAL_TOKENS
 
-    source = args.input or paths.paragraphs_file(args.data_dir)
-    out_dir = args.out_dir or paths.tokens_dir(args.data_dir)
-    tokenizer_out = paths.tokenizer_file(args.data_dir) if args.out_dir is None else out_dir / "tokenizer.json"
+    source = args.input or layout.paragraphs_file(args.data_dir)
+    out_dir = args.out_dir or layout.tokens_dir(args.data_dir)
+    tokenizer_out = layout.tokenizer_file(args.data_dir) if args.out_dir is None else out_dir / "tokenizer.json"
     min_vocab = 256 + len(SPECIAL_TOKENS) + 1
     if args.tokenizer is None:
         if args.vocab_size < min_vocab:
@@ -294,12 +280,8 @@ def run(args: argparse.Namespace) -> int:
     parameters.update(val_fraction=args.val_fraction, val_min_articles=args.val_min_articles,
                       out_dir=str(out_dir), tokenizer_out=str(tokenizer_out))
     stage = StageRun(STAGE, args.manifests, parameters, inputs, force=args.force)
-    if stage.up_to_date():
-        print(f"{STAGE}: up to date ({out_dir}); use --force to rerun")
+    if not stage.start(out_dir, [out_dir, tokenizer_out.parent]):
         return 0
-    stage.begin()
-    for folder in (out_dir, tokenizer_out.parent):
-        remove_stale_temporaries(folder)
 
     article_ids = pq.read_table(source, columns=["article_id"]).column("article_id").to_numpy()
     val_ids = choose_val_articles(article_ids, args.val_fraction, args.val_min_articles)
@@ -329,9 +311,10 @@ def run(args: argparse.Namespace) -> int:
     tokenizer_sha = sha256_file(tokenizer_out)
     stage.add_output(tokenizer_out, counts={"vocab_size": vocab_size}, sha256=tokenizer_sha)
     for name, split in totals.items():
-        stage.add_output(out_dir / f"{name}.bin", counts={"tokens": split.tokens, "documents": split.documents,
-                                                          "utf8_bytes": split.bytes})
-        stage.add_output(out_dir / f"{name}.docs.npy", counts={"documents": split.documents})
+        bin_path, index_path = layout.token_files(out_dir, name)
+        stage.add_output(bin_path, counts={"tokens": split.tokens, "documents": split.documents,
+                                           "utf8_bytes": split.bytes})
+        stage.add_output(index_path, counts={"documents": split.documents})
     all_tokens = sum(s.tokens for s in totals.values())
     stage.finish(
         counters={"train_seconds": round(train_seconds, 2), "encode_seconds": round(encode_seconds, 2),

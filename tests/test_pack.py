@@ -26,7 +26,7 @@ def load_tokens(root, split):
 
 @pytest.mark.parametrize("seq_len", [64, 512])
 def test_packing_invariants(tokens_root, seq_len):
-    split = PackedSplit.open(tokens_root / f"data/packed/seq{seq_len}", "train", tokens_root / "manifests")
+    split = PackedSplit.open(tokens_root / "data", seq_len, "train", tokens_root / "manifests")
     row_len = seq_len + 1
     rows = np.asarray(split.rows)
     pieces = []
@@ -51,7 +51,7 @@ def test_packing_invariants(tokens_root, seq_len):
 
 
 def test_every_row_starts_a_document_or_piece(tokens_root):
-    split = PackedSplit.open(tokens_root / "data/packed/seq512", "train", tokens_root / "manifests")
+    split = PackedSplit.open(tokens_root / "data", 512, "train", tokens_root / "manifests")
     starts = {tuple(doc[i:i + 8]) for doc in load_tokens(tokens_root, "train") for i in range(0, len(doc), 513)}
     assert all(tuple(np.asarray(split.rows[r, :8])) in starts for r in range(split.n_rows))
 
@@ -85,7 +85,7 @@ def test_pack_is_deterministic_and_idempotent(tokens_root, tmp_path, capsys):
 
 
 def test_loader_resume_ranks_and_epochs(tokens_root):
-    split = PackedSplit.open(tokens_root / "data/packed/seq64", "train", tokens_root / "manifests")
+    split = PackedSplit.open(tokens_root / "data", 64, "train", tokens_root / "manifests")
     loader = PackedLoader(split, batch_rows=8, seed=3)
     batches = [next(loader) for _ in range(7)]
     assert loader.position == 56
@@ -137,16 +137,16 @@ def test_truncated_or_tampered_packed_file_is_refused(tokens_root, tmp_path):
     packed = copy / "data/packed/seq64/train.bin"
     packed.write_bytes(packed.read_bytes()[:-10])
     with pytest.raises(PackedDataError, match="truncated or tampered"):
-        PackedSplit.open(copy / "data/packed/seq64", "train", copy / "manifests")
+        PackedSplit.open(copy / "data", 64, "train", copy / "manifests")
     val = copy / "data/packed/seq64/val.bin"
     data = bytearray(val.read_bytes())
     data[0] ^= 1
     val.write_bytes(bytes(data))
-    PackedSplit.open(copy / "data/packed/seq64", "val", copy / "manifests")  # same size: only --verify sees it
+    PackedSplit.open(copy / "data", 64, "val", copy / "manifests")  # same size: only --verify sees it
     with pytest.raises(PackedDataError, match="sha256"):
-        PackedSplit.open(copy / "data/packed/seq64", "val", copy / "manifests", verify=True)
+        PackedSplit.open(copy / "data", 64, "val", copy / "manifests", verify=True)
     with pytest.raises(PackedDataError, match="just pack --seq-len 128"):
-        PackedSplit.open(copy / "data/packed/seq128", "train", copy / "manifests")
+        PackedSplit.open(copy / "data", 128, "train", copy / "manifests")
 
 
 def test_stale_tokens_refused(tokens_root, tmp_path, capsys):
@@ -166,7 +166,7 @@ def test_stale_tokens_refused(tokens_root, tmp_path, capsys):
 def test_input_segments_cover_each_row_by_document(tokens_root):
     from train.loader import input_segments
 
-    split = PackedSplit.open(tokens_root / "data/packed/seq64", "train", tokens_root / "manifests")
+    split = PackedSplit.open(tokens_root / "data", 64, "train", tokens_root / "manifests")
     row_ids = np.arange(split.n_rows)
     segments = input_segments(split, row_ids)
     expected = []

@@ -201,7 +201,7 @@ def test_precision_map_decides_each_module(monkeypatch, preset, mode):
 def test_bits_per_byte_by_hand(packed):
     from train.trainer import Distributed, evaluate
 
-    split = PackedSplit.open(packed / "data/packed/seq32", "val", packed / "manifests")
+    split = PackedSplit.open(packed / "data", 32, "val", packed / "manifests")
 
     class Uniform(nn.Module):
         def forward(self, idx, doc_lens=None):

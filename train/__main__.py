@@ -14,8 +14,8 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from pipeline.errors import StageError
 from train.config import PRECISIONS, RECIPES, ConfigError, apply_overrides, apply_settings, load
-from pipeline.packed import PackedDataError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in metrics.items()))
         return 0
-    except (ConfigError, PackedDataError, TrainError) as err:
+    except (ConfigError, StageError, TrainError) as err:
         print(f"error: train: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

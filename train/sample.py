@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline import layout
+from pipeline.manifest import sha256_file
 from train import checkpoint
 from train.config import from_dict
 from train.model import KVCache, Transformer
@@ -161,12 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, state = load_model(path, device)
-    tokenizer_path = args.tokenizer or Path(state["config"]["data"]["data_dir"]) / "tokenizer" / "tokenizer.json"
+    tokenizer_path = args.tokenizer or layout.tokenizer_file(state["config"]["data"]["data_dir"])
     if not tokenizer_path.is_file():
         print(f"error: sample: tokenizer {tokenizer_path} not found; pass --tokenizer", file=sys.stderr)
         return 2
-    from pipeline.manifest import sha256_file
-
     if sha256_file(tokenizer_path) != state["tokenizer_sha256"]:
         print(f"error: sample: {tokenizer_path} is not the tokenizer this checkpoint was trained with", file=sys.stderr)
         return 2

@@ -86,8 +86,8 @@ def plan_stages(config: TrainConfig, world_size: int, max_steps: int | None, ver
         except ValueError as err:
             raise ConfigError(f"curriculum: {err}") from None
         try:
-            splits[stage.seq_len] = tuple(PackedSplit.open(data_dir / "packed" / f"seq{stage.seq_len}", split,
-                                                           manifests, verify=verify) for split in ("train", "val"))
+            splits[stage.seq_len] = tuple(PackedSplit.open(data_dir, stage.seq_len, split, manifests, verify=verify)
+                                          for split in ("train", "val"))
         except PackedDataMissing:
             missing.append(stage.seq_len)
     if missing:
@@ -185,8 +185,7 @@ class Trainer:
         self.total_steps = sum(s.steps for s in self.stages)
         self.profiler = self.make_profiler(profile_steps)
         self.precision = Precision(config.precision, device)
-        vocab = json.loads((Path(config.data.manifests) / f"pack-seq{self.stages[0].seq_len}.json").read_text())
-        self.vocab_size = vocab["pack"]["vocab_size"]
+        self.vocab_size = self.stages[0].train.vocab_size
         self.tokenizer_sha256 = self.stages[0].train.tokenizer_sha256
         torch.manual_seed(config.run.seed)
         max_len = max(s.seq_len for s in self.stages)
