@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from train import checkpoint
+
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
        "PYTHONUNBUFFERED": "1"}
 
@@ -53,7 +55,7 @@ def rank_death(args) -> str:
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
     checkpoints = Path(args.out_dir) / run / "checkpoints"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(checkpoints.glob("step_*.pt")):
+    while time.time() < deadline and not checkpoint.all_steps(checkpoints):
         time.sleep(0.5)
     victim = None
     for pid in os.listdir("/proc"):
@@ -74,13 +76,11 @@ def rank_death(args) -> str:
     except subprocess.TimeoutExpired:
         process.kill()
         return "HUNG: the job did not stop within 180 s"
-    from train import checkpoint
-
     latest = checkpoint.latest(checkpoints)
-    state = checkpoint.load(latest)
+    step = checkpoint.load(latest).step
     messages = [line for line in stderr.splitlines() if "error: train" in line or "ChildFailedError" in line]
     return (f"rank 1 killed (SIGKILL) after checkpoint {latest.name}; the job exited with code {process.returncode} "
-            f"{time.time() - killed_at:.1f} s later; last checkpoint loads (step {state['step']}); "
+            f"{time.time() - killed_at:.1f} s later; last checkpoint loads (step {step}); "
             f"messages: {messages[:2]}")
 
 

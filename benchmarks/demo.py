@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     final = metrics[-1]
     baseline = unigram_bpb(data, manifests, SEQ_LENS[-1])
     print("demo: 6/6 sampling with the KV cache", flush=True)
-    model, state = load_model(runs / "tiny" / "checkpoints" / "best.pt", torch.device(device))
+    model, _ = load_model(runs / "tiny" / "checkpoints" / "best", torch.device(device))
     from tokenizers import Tokenizer
 
     from pipeline import layout

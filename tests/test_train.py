@@ -66,7 +66,7 @@ def test_loss_falls(packed, tmp_path):
     assert {"config.resolved.json", "metrics.jsonl", "checkpoints", "tensorboard"} <= {p.name for p in run.iterdir()}
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb", "val_bpb"} <= set(last)
-    assert (run / "checkpoints/best.pt").exists()
+    assert (run / "checkpoints/best/model.safetensors").exists()
 
 
 def test_exact_resume_across_a_stage_boundary(packed, tmp_path):

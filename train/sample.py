@@ -44,16 +44,17 @@ class Generation:
     repeated_4gram_rate: float  # share of generated 4-grams that already occurred earlier in the sample
 
 
-def load_model(path: Path, device: torch.device) -> tuple[Transformer, dict]:
-    state = checkpoint.load(path, map_location="cpu")
-    config = from_dict(state["config"])
+def load_model(path: Path, device: torch.device) -> tuple[Transformer, checkpoint.Checkpoint]:
+    """The model of any checkpoint (a run's best/ or step_N/ folder, or an earlier-format .pt file),
+    as plain torch modules: a checkpoint trained in FP8 loads its FP32 master weights."""
+    found = checkpoint.load(path)
+    config = from_dict(found.config)
     precision = Precision(config.precision, device, torch_modules_only=True)
     max_positions = max(stage.seq_len for stage in config.curriculum)
-    model = Transformer(config.model, state["vocab_size"], precision, max_positions)
-    weights = {k: v for k, v in state["model"].items() if not k.endswith("_extra_state")}  # TE FP8 metadata
-    model.load_state_dict(weights)
+    model = Transformer(config.model, found.vocab_size, precision, max_positions)
+    model.load_state_dict(found.weights)
     model.to(device).eval()
-    return model, state
+    return model, found
 
 
 def choose(logits: torch.Tensor, settings: SampleSettings, generator: torch.Generator) -> int:
@@ -141,8 +142,9 @@ def sample_text(model, tokenizer, prompt: str, settings: SampleSettings, eot_id:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="just sample", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (default: the run's best.pt)")
-    parser.add_argument("--run", default="small", help="run name, for the default checkpoint runs/NAME/checkpoints/best.pt")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="checkpoint folder or file (default: the run's checkpoints/best)")
+    parser.add_argument("--run", default="small", help="run name, for the default checkpoint runs/NAME/checkpoints/best")
     parser.add_argument("--out-dir", default="runs", help="where runs live")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer.json (default: DATA_DIR/tokenizer/tokenizer.json of the run's config)")
@@ -156,18 +158,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from tokenizers import Tokenizer
 
-    path = args.checkpoint or Path(args.out_dir) / args.run / "checkpoints" / "best.pt"
-    if not path.is_file():
+    path = args.checkpoint or checkpoint.best(Path(args.out_dir) / args.run / "checkpoints")
+    if not path.exists():
         print(f"error: sample: no checkpoint at {path}; train first (`just train --run {args.run}`) or pass "
               f"--checkpoint", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, state = load_model(path, device)
-    tokenizer_path = args.tokenizer or layout.tokenizer_file(state["config"]["data"]["data_dir"])
+    try:
+        model, found = load_model(path, device)
+    except checkpoint.CheckpointError as err:
+        print(f"error: sample: {err}", file=sys.stderr)
+        return 2
+    tokenizer_path = args.tokenizer or layout.tokenizer_file(found.config["data"]["data_dir"])
     if not tokenizer_path.is_file():
         print(f"error: sample: tokenizer {tokenizer_path} not found; pass --tokenizer", file=sys.stderr)
         return 2
-    if sha256_file(tokenizer_path) != state["tokenizer_sha256"]:
+    if sha256_file(tokenizer_path) != found.tokenizer_sha256:
         print(f"error: sample: {tokenizer_path} is not the tokenizer this checkpoint was trained with", file=sys.stderr)
         return 2
     tokenizer = Tokenizer.from_file(str(tokenizer_path))

@@ -242,33 +242,36 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ checkpoints
 
-    def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "positions": self.positions, "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps,
-                "best_val": self.best_val, "rng": checkpoint.rng_state(), "config": self.config.to_dict(),
-                "tokenizer_sha256": self.tokenizer_sha256, "vocab_size": self.vocab_size,
+    def train_state(self) -> dict:
+        """What an exact resume needs besides the weights."""
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step, "positions": self.positions,
+                "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps, "best_val": self.best_val,
+                "rng": checkpoint.rng_state(),
                 "stage": self.stage_at(self.step).index if self.step < self.total_steps else len(self.stages) - 1}
 
     def save(self, is_best: bool = False) -> None:
         if self.dist.is_main:
-            checkpoint.save(self.run_dir / "checkpoints", self.step, self.state(), self.config.run.keep_last, is_best)
+            meta = {"vocab_size": self.vocab_size, "tokenizer_sha256": self.tokenizer_sha256,
+                    "config": self.config.to_dict()}
+            checkpoint.save(self.run_dir / "checkpoints", self.step, self.model.state_dict(), meta, self.train_state(),
+                            self.config.run.keep_last, is_best)
 
     def load_latest(self) -> None:
-        path = checkpoint.latest(self.run_dir / "checkpoints")
-        if path is None:
+        try:
+            found = checkpoint.latest_intact(self.run_dir / "checkpoints", self.log_line)
+        except checkpoint.CheckpointError as err:
+            raise TrainError(f"--resume: {err}") from None
+        if found is None:
             raise TrainError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        # This run's own checkpoint: trusted like the pickle torch.load already reads. TE >= 2.20 also
-        # asks before unpickling its FP8 scaling metadata, which an exact resume needs.
-        os.environ.setdefault("NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE", "1")
-        state = checkpoint.load(path, map_location="cpu")  # RNG states must stay CPU tensors
-        if state["tokenizer_sha256"] != self.tokenizer_sha256:
-            raise TrainError(f"{path} was trained with another tokenizer than the current packs; refusing to mix")
-        self.model.load_state_dict(state["model"])
+        if found.tokenizer_sha256 != self.tokenizer_sha256:
+            raise TrainError(f"{found.path} was trained with another tokenizer than the current packs; refusing to mix")
+        state = found.train_state
+        self.model.load_state_dict({**found.weights, **state["extra_state"]})
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.positions = state["step"], state["positions"]
         self.bad_steps, self.skipped_steps, self.best_val = state["bad_steps"], state["skipped_steps"], state["best_val"]
         checkpoint.restore_rng(state["rng"])
-        self.log_line(f"resumed from {path} at step {self.step}")
+        self.log_line(f"resumed from {found.path} at step {self.step}")
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists() and self.dist.is_main:  # drop lines of the interrupted run past the checkpoint
             kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
