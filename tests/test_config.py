@@ -1,12 +1,73 @@
-"""The config base: the dataclass defaults, documented once, are the `small` preset but for its map."""
+"""Config files: `extends` chains, their merge rules and errors; the base, documented once in the dataclasses."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
+
+import pytest
 
 from train import config as config_module
-from train.config import TrainConfig, load
+from train.config import ConfigError, TrainConfig, apply_settings, from_dict, load
+
+STAGE = "[[curriculum]]\nseq_len = 64\ntokens = 1000\nmicro_batch = {}\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_extends_merges_tables_key_by_key_through_a_chain(tmp_path):
+    write(tmp_path / "parent.toml", '[model]\nd_model = 384\nn_layers = 2\n[precision.map]\nq = "bf16"\n'
+                                    '[optim]\nlr = 1e-3\n' + STAGE.format(8))
+    write(tmp_path / "child.toml", 'extends = "parent.toml"\n[model]\nn_layers = 3\n[precision.map]\nk = "bf16"\n')
+    grandchild = write(tmp_path / "sub/grandchild.toml", 'extends = "../child.toml"\n[optim]\nlr = 2e-3\n')
+    config = load(grandchild)
+    assert (config.model.d_model, config.model.n_layers, config.model.n_heads) == (384, 3, 12)
+    assert (config.precision.map["q"], config.precision.map["k"], config.precision.map["v"]) == ("bf16", "bf16", "fp8")
+    assert config.optim.lr == 2e-3 and config.curriculum[0].micro_batch == 8
+
+
+def test_a_childs_curriculum_replaces_the_parents_whole(tmp_path):
+    write(tmp_path / "parent.toml", STAGE.format(8) + STAGE.format(4))
+    child = write(tmp_path / "child.toml", 'extends = "parent.toml"\n' + STAGE.format(2))
+    assert [stage.micro_batch for stage in load(child).curriculum] == [2]
+
+
+def test_an_extends_cycle_is_a_one_line_error(tmp_path):
+    write(tmp_path / "a.toml", 'extends = "b.toml"\n' + STAGE.format(8))
+    write(tmp_path / "b.toml", 'extends = "a.toml"\n')
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path / "a.toml")
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    assert str(err.value) == f"extends cycle: {a} -> {b} -> {a}"
+    with pytest.raises(ConfigError, match="extends cycle"):
+        load(write(tmp_path / "self.toml", 'extends = "self.toml"\n'))
+
+
+@pytest.mark.parametrize("text,message", [
+    ('extends = "nope.toml"\n', "extends {dir}/nope.toml, which is not a file"),
+    ("extends = 3\n", "extends must be a file name, got 3"),
+    ('extends = "parent.toml"\n[model]\nd_modle = 64\n', "unknown key(s) ['d_modle'] in [model]"),
+    ('extends = "parent.toml"\nextend = "parent.toml"\n', "unknown section(s) ['extend']"),
+])
+def test_extends_errors(tmp_path, text, message):
+    write(tmp_path / "parent.toml", STAGE.format(8))
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path / "child.toml", text))
+    assert message.format(dir=tmp_path) in str(err.value)
+
+
+def test_a_resolved_config_has_no_extends_and_takes_settings(tmp_path):
+    write(tmp_path / "parent.toml", STAGE.format(8))
+    config = load(write(tmp_path / "child.toml", 'extends = "parent.toml"\n[run]\nname = "child"\n'))
+    raw = config.to_dict()
+    assert "extends" not in raw and from_dict(raw) == config
+    config = apply_settings(config, ["optim.lr=1e-3", 'precision.map.q="bf16"'])
+    assert (config.optim.lr, config.precision.map["q"], config.run.name) == (1e-3, "bf16", "child")
 
 
 def test_small_is_the_base_but_for_its_name_precision_map_and_curriculum():

@@ -56,6 +56,20 @@ def losses(packed, run):
     return [json.loads(line)["loss"] for line in (packed / "runs" / run / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_resolved_config_of_an_extending_file_is_complete(packed, tmp_path):
+    """config.resolved.json is the whole config the run used, not the file's diff."""
+    parent = write_config(tmp_path / "parent.toml", steps=(1, 1))
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "parent.toml"\n[optim]\nlr = 2e-2\n')
+    assert train(packed, child, "--run", "extended", "--max-steps", "2") == 0
+    resolved = json.loads((packed / "runs/extended/config.resolved.json").read_text())
+    expected = load(parent).to_dict()
+    expected["optim"]["lr"] = 2e-2
+    expected["data"].update(data_dir=str(packed / "data"), manifests=str(packed / "manifests"))
+    expected["run"].update(name="extended", out_dir=str(packed / "runs"))
+    assert resolved == expected
+
+
 def test_loss_falls(packed, tmp_path):
     config = write_config(tmp_path / "c.toml", steps=(25, 5))
     assert train(packed, config, "--run", "falls") == 0

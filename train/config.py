@@ -2,7 +2,8 @@
 
 The dataclass defaults below are the base configuration, documented once: each field says what it
 is and why its value. They are the `small` preset's values, except the precision map, whose
-per-projection policy was measured at small's width and stays in `configs/small.toml`.
+per-projection policy was measured at small's width and stays in `configs/small.toml`. A file
+may `extends` another and name only what differs from it (see `load`).
 Command-line overrides (--precision, --recipe, --max-steps, --run, --set) apply on top of the file.
 """
 
@@ -177,14 +178,46 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
 
 
 def load(path: Path) -> TrainConfig:
-    path = Path(path)
+    """Read a config file, resolving its `extends` chain, on top of the dataclass defaults.
+
+    A top-level `extends = "other.toml"` (relative to the file) makes the file a diff: tables merge key
+    by key over the parent's, `[precision.map]` included, while any other value, an array of tables
+    such as `[[curriculum]]` included, replaces the parent's whole. Parents may extend in turn.
+    """
+    return from_dict(_resolve(Path(path), ()))
+
+
+def _resolve(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
+    """The raw table of `path` merged over its parents'. `children`: the files whose `extends` led here,
+    the loaded one first, to name a cycle or the file that asked for a missing parent."""
     if not path.is_file():
+        if children:
+            raise ConfigError(f"{children[-1]}: extends {path}, which is not a file")
         raise ConfigError(f"config {path} not found; presets live in configs/ (tiny, small, yxanul-197m, base)")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
-    return from_dict(raw)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must be a file name, got {parent!r}")
+    parent_path = path.parent / parent
+    chain = (*children, path)
+    if parent_path.resolve() in {p.resolve() for p in chain}:
+        raise ConfigError(f"extends cycle: {' -> '.join(str(p) for p in (*chain, parent_path))}")
+    return _merge(_resolve(parent_path, chain), raw)
+
+
+def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """`child` over `parent`: tables merge key by key, recursively; any other value replaces the parent's."""
+    merged = dict(parent)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = _merge(merged[key], value)
+        merged[key] = value
+    return merged
 
 
 def validate(config: TrainConfig) -> None:
