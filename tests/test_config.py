@@ -11,6 +11,7 @@ import pytest
 from train import config as config_module
 from train.config import ConfigError, TrainConfig, apply_settings, from_dict, load
 
+PRESETS = sorted(Path("configs").glob("*.toml"))
 STAGE = "[[curriculum]]\nseq_len = 64\ntokens = 1000\nmicro_batch = {}\n"
 
 
@@ -70,11 +71,25 @@ def test_a_resolved_config_has_no_extends_and_takes_settings(tmp_path):
     assert (config.optim.lr, config.precision.map["q"], config.run.name) == (1e-3, "bf16", "child")
 
 
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_loads(path):
+    assert load(path).curriculum
+
+
 def test_small_is_the_base_but_for_its_name_precision_map_and_curriculum():
     small, base = load("configs/small.toml").to_dict(), TrainConfig().to_dict()
     differs = {f"{section}.{key}" for section, values in small.items() if isinstance(values, dict)
                for key, value in values.items() if value != base[section][key]}
     assert differs == {"run.name", "precision.map"}
+    # The per-projection policy measured with `just bench-linear` at d768 (docs/benchmarks.md).
+    assert small["precision"]["map"] == {"q": "bf16", "k": "bf16", "v": "bf16", "o": "bf16", "gate": "fp8",
+                                         "up": "fp8", "down": "bf16", "lm_head": "fp8"}
+
+
+def test_small_q_bf16_is_small_with_its_own_map():
+    small, q_bf16 = load("configs/small.toml"), load("configs/small-q-bf16.toml")
+    assert q_bf16.precision.map == {**dict.fromkeys(config_module.PROJECTIONS, "fp8"), "q": "bf16", "lm_head": "bf16"}
+    assert (q_bf16.model, q_bf16.optim, q_bf16.curriculum) == (small.model, small.optim, small.curriculum)
 
 
 def test_every_config_field_is_documented_once_in_the_dataclasses():
