@@ -1,9 +1,10 @@
-"""Config files: `extends` chains, their merge rules and errors; the base, documented once in the dataclasses."""
+"""Config files: `extends` chains, their merge rules and errors, and the presets as diffs of the base."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,31 @@ def test_a_resolved_config_has_no_extends_and_takes_settings(tmp_path):
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_every_preset_loads(path):
     assert load(path).curriculum
+
+
+def inherited_by(path: Path) -> dict:
+    """What the preset at `path` would resolve to without its own keys: its parent, or the base."""
+    parent = tomllib.loads(path.read_text()).get("extends")
+    return load(path.parent / parent).to_dict() if parent else TrainConfig().to_dict()
+
+
+def restated(raw: dict, inherited: dict, where: str = "") -> list[str]:
+    """The keys of `raw` whose value equals the inherited one, tables compared key by key."""
+    keys = []
+    for key, value in raw.items():
+        if key == "extends":
+            continue
+        if isinstance(value, dict):
+            keys += restated(value, inherited[key], f"{where}{key}.")
+        elif value == inherited[key]:
+            keys.append(f"{where}{key}")
+    return keys
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_presets_name_only_what_differs(path):
+    """A preset restating an inherited value is a full copy in the making: it would drift from the base."""
+    assert restated(tomllib.loads(path.read_text()), inherited_by(path)) == []
 
 
 def test_small_is_the_base_but_for_its_name_precision_map_and_curriculum():

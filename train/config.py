@@ -2,8 +2,8 @@
 
 The dataclass defaults below are the base configuration, documented once: each field says what it
 is and why its value. They are the `small` preset's values, except the precision map, whose
-per-projection policy was measured at small's width and stays in `configs/small.toml`. A file
-may `extends` another and name only what differs from it (see `load`).
+per-projection policy was measured at small's width and stays in `configs/small.toml`. A preset
+names only what differs from the base, or from another preset it `extends` (see `load`).
 Command-line overrides (--precision, --recipe, --max-steps, --run, --set) apply on top of the file.
 """
 
