@@ -56,6 +56,20 @@ def losses(packed, run):
     return [json.loads(line)["loss"] for line in (packed / "runs" / run / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_resolved_config_of_an_extending_file_is_complete(packed, tmp_path):
+    """config.resolved.json is the whole config the run used, not the file's diff."""
+    parent = write_config(tmp_path / "parent.toml", steps=(1, 1))
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "parent.toml"\n[optim]\nlr = 2e-2\n')
+    assert train(packed, child, "--run", "extended", "--max-steps", "2") == 0
+    resolved = json.loads((packed / "runs/extended/config.resolved.json").read_text())
+    expected = load(parent).to_dict()
+    expected["optim"]["lr"] = 2e-2
+    expected["data"].update(data_dir=str(packed / "data"), manifests=str(packed / "manifests"))
+    expected["run"].update(name="extended", out_dir=str(packed / "runs"))
+    assert resolved == expected
+
+
 def test_loss_falls(packed, tmp_path):
     config = write_config(tmp_path / "c.toml", steps=(25, 5))
     assert train(packed, config, "--run", "falls") == 0
@@ -131,22 +145,6 @@ def test_config_errors(raw, message):
     with pytest.raises(ConfigError) as err:
         from_dict({**base, **raw})
     assert message in str(err.value)
-
-
-def test_every_preset_loads_and_documents_its_keys():
-    import pathlib
-
-    for path in pathlib.Path("configs").glob("*.toml"):
-        config = load(path)
-        text = path.read_text()
-        for key in ("d_model", "n_kv_heads", "mode", "recipe", "doc_mask", "tokens_per_step", "seq_len"):
-            assert f"{key} =" in text and "#" in text.split(f"{key} =")[1].splitlines()[0] or key == "seq_len"
-        assert config.curriculum
-    small = load("configs/small.toml")  # the per-projection policy measured in issue 7
-    assert small.precision.map == {"q": "bf16", "k": "bf16", "v": "bf16", "o": "bf16", "gate": "fp8", "up": "fp8",
-                                   "down": "bf16", "lm_head": "fp8"}
-    assert load("configs/small-q-bf16.toml").precision.map["q"] == "bf16"
-    assert load("configs/yxanul-197m.toml").model.embed_rank == 128
 
 
 class FakeTE(types.SimpleNamespace):

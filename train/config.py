@@ -1,7 +1,10 @@
 """Training configuration: dataclasses loaded from `configs/*.toml`, unknown keys an error.
 
-Every key is documented in the dataclass fields below and in the preset files. Command-line
-overrides (--precision, --recipe, --max-steps, --run) are applied on top of the file.
+The dataclass defaults below are the base configuration, documented once: each field says what it
+is and why its value. They are the `small` preset's values, except the precision map, whose
+per-projection policy was measured at small's width and stays in `configs/small.toml`. A preset
+names only what differs from the base, or from another preset it `extends` (see `load`).
+Command-line overrides (--precision, --recipe, --max-steps, --run, --set) apply on top of the file.
 """
 
 from __future__ import annotations
@@ -23,30 +26,43 @@ class ConfigError(Exception):
 
 @dataclass
 class ModelConfig:
-    d_model: int = 768  # residual width
+    d_model: int = 768  # residual width; with 12 layers, the GPT-2-small shape
     n_layers: int = 12  # transformer blocks
-    n_heads: int = 12  # query heads
-    n_kv_heads: int = 4  # key/value heads (grouped-query attention); divides n_heads
-    ffn_dim: int = 2048  # SwiGLU hidden width
-    embed_rank: int = 0  # factorized embeddings of this rank (0: a plain V x d embedding)
-    tie_embeddings: bool = False  # share the input embedding with the output head
-    rope_theta: float = 10000.0  # RoPE base
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    init_std: float = 0.02  # std of the normal initialisation of weights
+    n_heads: int = 12  # query heads; head dim d_model / n_heads = 64, must be even for RoPE
+    n_kv_heads: int = 4  # key/value heads (grouped-query attention), divides n_heads: a third of the KV cache
+    ffn_dim: int = 2048  # SwiGLU hidden width: 8/3 x d_model, so its three matrices cost a 4 x d_model MLP's two
+    embed_rank: int = 0  # factorized embeddings V x r then r -> d (0: a plain V x d embedding); pays for a large V
+    tie_embeddings: bool = False  # share the input embedding with the output head (saves V x d parameters)
+    rope_theta: float = 10000.0  # RoPE base, the RoPE paper's; enough for the 2048-token stages
+    norm_eps: float = 1e-5  # RMSNorm epsilon, Llama 2's
+    # Std of the normal weight initialisation, GPT-2's; o and down are further scaled by 1/sqrt(2 * n_layers)
+    # so the residual stream does not grow with depth.
+    init_std: float = 0.02
 
 
 @dataclass
 class PrecisionConfig:
-    mode: str = "fp8"  # fp8 (Transformer Engine) | te-bf16 (TE modules, BF16 GEMMs: a diagnostic) | bf16 | fp32
-    recipe: str = "delayed"  # FP8 scaling: delayed | current | block (1x128 activations, 128x128 weights)
-    amax_history: int = 16  # delayed scaling: amax history length
-    # Per projection: fp8 or bf16. Embeddings, norms, softmax and the loss are never FP8.
+    # fp8 (Transformer Engine, GPU 8.9+) | te-bf16 (TE modules, BF16 GEMMs: a diagnostic) | bf16 | fp32.
+    # fp8 is what this trainer is for; --precision overrides it per run.
+    mode: str = "fp8"
+    # FP8 scaling: delayed (HYBRID E4M3/E5M2 from an amax history) | current | block (1x128 activations,
+    # 128x128 weights). Delayed measured fastest at small and base (docs/benchmarks.md).
+    recipe: str = "delayed"
+    # Delayed scaling: a tensor's scale comes from the largest amax of this many past steps. Short, so a
+    # scale recovers within 16 steps of an outlier (TE's own default is 1024); not tuned here.
+    amax_history: int = 16
+    # Per projection: fp8 or bf16. Embeddings, norms, softmax and the loss are never FP8. The base is all FP8
+    # but the head (DeepSeek-V3's policy); which GEMMs gain from FP8 depends on the width, so a preset whose
+    # shapes were measured with `just bench-linear` (docs/benchmarks.md) states its own map. A file's map
+    # merges key by key over this one.
     map: dict[str, str] = field(default_factory=lambda: {**dict.fromkeys(PROJECTIONS, "fp8"), "lm_head": "bf16"})
 
 
 @dataclass
 class AttentionConfig:
-    doc_mask: bool = False  # attend only within a document (packed rows hold several); positions restart per document
+    # Attend only within a document (packed rows hold several); positions restart per document. Off: it cost
+    # 22-30% of throughput at small and is not compiled (docs/benchmarks.md).
+    doc_mask: bool = False
 
 
 @dataclass
@@ -58,38 +74,42 @@ class StageConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 6e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # final lr = lr * this
-    weight_decay: float = 0.1  # on matrices only (never on norms, biases, embeddings)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global grad norm (0: off)
-    warmup_tokens: int = 0  # linear warmup over this many tokens
-    schedule: str = "cosine"  # cosine | wsd (warmup, stable, then linear decay)
+    lr: float = 6e-4  # peak learning rate, GPT-3's for its 125M model
+    min_lr_ratio: float = 0.1  # final lr = lr * this; decaying to 10% as GPT-3 did
+    weight_decay: float = 0.1  # AdamW, on matrices only (never on norms, biases, embeddings); GPT-3's
+    beta1: float = 0.9  # AdamW first-moment decay, GPT-3's
+    beta2: float = 0.95  # AdamW second-moment decay, GPT-3's: steadier than 0.999 on large-batch LM training
+    eps: float = 1e-8  # AdamW epsilon, GPT-3's
+    grad_clip: float = 1.0  # max global grad norm (0: off); GPT-3's
+    warmup_tokens: int = 50_000_000  # linear warmup over this many tokens: about 95 steps of 524,288 tokens
+    schedule: str = "cosine"  # cosine (GPT-3's) | wsd (warmup, stable, then linear decay: for open-ended runs)
     decay_fraction: float = 0.2  # wsd: fraction of the tokens spent decaying
-    tokens_per_step: int = 524288  # tokens per optimizer step, all GPUs together; constant across stages
+    # Tokens per optimizer step, all GPUs together, constant across stages (gradient accumulation is derived
+    # per stage from the micro-batch): 2^19, about GPT-3's 0.5M for its 125M model.
+    tokens_per_step: int = 524288
 
 
 @dataclass
 class DataConfig:
-    data_dir: str = "data"  # holds packed/seq{N} and tokens/
-    manifests: str = "manifests"  # holds tokenize.json and pack-seq{N}.json
+    data_dir: str = "data"  # holds packed/seq{N} and tokens/, where the pipeline writes them
+    manifests: str = "manifests"  # holds tokenize.json and pack-seq{N}.json, where the pipeline writes them
     seed: int = 0  # row order of epoch e is a permutation seeded by seed + e
-    verify: bool = False  # also check packed files' sha256 (slow on big data)
+    verify: bool = False  # also check packed files' sha256 at start (off: slow on big data)
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"  # run directory: runs/NAME
-    out_dir: str = "runs"
-    log_every: int = 10  # optimizer steps between metric lines (and loss syncs)
-    eval_every: int = 200  # optimizer steps between validations (and at every stage end)
-    eval_rows: int = 0  # validation rows per evaluation (0: the whole val split)
-    checkpoint_every: int = 500  # optimizer steps between checkpoints (and at every stage end)
+    name: str = "run"  # run directory: out_dir/NAME; each preset names its own
+    out_dir: str = "runs"  # parent of the run directories
+    log_every: int = 10  # optimizer steps between metric lines; each one syncs the loss to the host
+    eval_every: int = 500  # optimizer steps between validations (and at every stage end): 262M tokens at 524,288
+    eval_rows: int = 0  # validation rows per evaluation (0: the whole val split; fewer for quick runs)
+    checkpoint_every: int = 1000  # optimizer steps between checkpoints (and at every stage end): every other eval
     keep_last: int = 3  # checkpoints kept besides the best
-    max_bad_steps: int = 5  # consecutive NaN/Inf steps that stop the run
-    compile: bool = True  # torch.compile the model and loss on a GPU (TE projections stay eager, compiled around)
+    max_bad_steps: int = 5  # consecutive NaN/Inf steps (each skipped) that stop the run: a spike passes, a streak not
+    # torch.compile the model and loss on a GPU (TE projections stay eager, compiled around): FP8 small at
+    # micro-batch 32 went from 347k to 476k tokens/s (docs/benchmarks.md).
+    compile: bool = True
     seed: int = 0  # model initialisation seed
 
 
@@ -158,14 +178,46 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
 
 
 def load(path: Path) -> TrainConfig:
-    path = Path(path)
+    """Read a config file, resolving its `extends` chain, on top of the dataclass defaults.
+
+    A top-level `extends = "other.toml"` (relative to the file) makes the file a diff: tables merge key
+    by key over the parent's, `[precision.map]` included, while any other value, an array of tables
+    such as `[[curriculum]]` included, replaces the parent's whole. Parents may extend in turn.
+    """
+    return from_dict(_resolve(Path(path), ()))
+
+
+def _resolve(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
+    """The raw table of `path` merged over its parents'. `children`: the files whose `extends` led here,
+    the loaded one first, to name a cycle or the file that asked for a missing parent."""
     if not path.is_file():
+        if children:
+            raise ConfigError(f"{children[-1]}: extends {path}, which is not a file")
         raise ConfigError(f"config {path} not found; presets live in configs/ (tiny, small, yxanul-197m, base)")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
-    return from_dict(raw)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must be a file name, got {parent!r}")
+    parent_path = path.parent / parent
+    chain = (*children, path)
+    if parent_path.resolve() in {p.resolve() for p in chain}:
+        raise ConfigError(f"extends cycle: {' -> '.join(str(p) for p in (*chain, parent_path))}")
+    return _merge(_resolve(parent_path, chain), raw)
+
+
+def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """`child` over `parent`: tables merge key by key, recursively; any other value replaces the parent's."""
+    merged = dict(parent)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = _merge(merged[key], value)
+        merged[key] = value
+    return merged
 
 
 def validate(config: TrainConfig) -> None:
