@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import HelpFormatter
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--megabytes", type=float, default=1000.0, help="size of the generated file")
@@ -81,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just bench-extract", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="just bench-extract", description=__doc__, formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import HelpFormatter
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=100_000_000, help="size of the synthetic token stream")
@@ -53,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just bench-pack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="just bench-pack", description=__doc__, formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

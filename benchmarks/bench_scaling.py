@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import HelpFormatter
+
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
        "PYTHONUNBUFFERED": "1"}
 
@@ -85,15 +87,19 @@ def rank_death(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just bench-scaling", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/small.toml")
-    parser.add_argument("--modes", default="bf16,fp8", help="precision modes, comma separated")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--set", action="append", default=[], help="config overrides for every run")
-    parser.add_argument("--out-dir", default="runs/scaling")
+    parser = argparse.ArgumentParser(prog="just bench-scaling", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--config", default="configs/small.toml", help="config file of every run")
+    parser.add_argument("--modes", default="bf16,fp8",
+                        help="trainer --precision values, comma separated; resume and kill use the first")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run (curriculum scaled alike)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override passed to every run (repeatable)")
+    parser.add_argument("--out-dir", default="runs/scaling", help="where the runs go")
     parser.add_argument("--cpu", action="store_true", help="gloo on the CPU (a functional check, no timing)")
-    parser.add_argument("--parts", default="scaling,resume,kill", help="which checks to run")
-    parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--parts", default="scaling,resume,kill",
+                        help="checks to run, comma separated: scaling (1 vs 2 GPUs), resume (across GPU counts), "
+                             "kill (a rank dies)")
+    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
     from benchmarks.report import markdown_table, update_section
 

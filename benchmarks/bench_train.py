@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import HelpFormatter
+
 MODES = {  # name -> trainer arguments (run.compile is on by default: TE projections stay eager)
     "bf16-compiled": ["--precision", "bf16"],
     "te-bf16": ["--precision", "te-bf16"],
@@ -66,15 +68,17 @@ def preset_rows(preset: str, results: list[tuple[str, dict | None, float]]) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just bench-train", description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="configs/small.toml", help="presets to run, comma separated")
+    parser = argparse.ArgumentParser(prog="just bench-train", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--configs", default="configs/small.toml", help="config files to run, comma separated")
     parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma separated, of {list(MODES)}, each optionally followed by +KEY=VALUE overrides")
+                        help=f"comma separated, each one of {', '.join(MODES)}, optionally followed by +KEY=VALUE "
+                             "config overrides for that run only")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (curriculum scaled alike)")
-    parser.add_argument("--set", action="append", default=[], help="config overrides passed to every run")
-    parser.add_argument("--profile-steps", type=int, default=0,
-                        help="profile each run's last N steps: GPU time per kernel category in a second table")
-    parser.add_argument("--out-dir", default="runs/bench", help="where the runs go")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override passed to every run (repeatable); a mode's own overrides win")
+    parser.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                        help="profile each run's last N steps: GPU time per kernel category in a second table (0: off)")
+    parser.add_argument("--out-dir", default="runs/bench", help="where the runs go (their checkpoints are deleted)")
     parser.add_argument("--title", default="Train", help="section title in docs/benchmarks.md")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
