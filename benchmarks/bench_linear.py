@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="delayed", choices=("delayed", "current", "block"),
                         help="FP8 scaling recipe of the te.Linear FP8 timings")
     parser.add_argument("--repeats", type=int, default=30, help="timed forward + backward passes per measurement")
-    parser.add_argument("--title", default="Projection GEMMs: BF16 against FP8", help="section in docs/benchmarks.md")
-    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--title", default="Projection GEMMs", help="section of docs/benchmarks.md that --write-docs replaces")
+    parser.add_argument("--write-docs", action="store_true", help="also write the table into docs/benchmarks.md")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: bench-linear: needs a CUDA GPU with Transformer Engine")
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "Forward + backward of one projection, host launch work included; FP8 weight casts once per step. "
             "A speed-up below 1 means FP8 loses at that shape: mark the projection `bf16` in `[precision.map]`.")
     print(body)
-    if not args.no_doc:
+    if args.write_docs:
         update_section(args.title, body)
     return 0
 

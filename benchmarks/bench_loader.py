@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", default="128,2048", help="lengths to measure, comma separated")
     parser.add_argument("--batch-tokens", type=int, default=65536, help="tokens per batch (rows = this / N)")
     parser.add_argument("--batches", type=int, default=300, help="batches timed per length")
-    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="also write the table into docs/benchmarks.md, section \"Loader\"")
     args = parser.parse_args(argv)
     from benchmarks.report import machine_line, markdown_table, update_section
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     body = (f"`just bench-loader` (device {device.type}; {machine_line()}).\n\n{table}\n\n"
             "Target: at least 50x what the trainer consumes.")
     print(body)
-    if not args.no_doc:
+    if args.write_docs:
         update_section("Loader", body)
     return 0
 

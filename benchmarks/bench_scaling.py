@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="scaling,resume,kill",
                         help="checks to run, comma separated: scaling (1 vs 2 GPUs), resume (across GPU counts), "
                              "kill (a rank dies)")
-    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="also write the result into docs/benchmarks.md, section \"Scaling\" (not with --cpu)")
     args = parser.parse_args(argv)
+    if args.cpu and args.write_docs:
+        parser.error("--write-docs: the CPU check is functional only and has no section in docs/benchmarks.md")
     from benchmarks.report import markdown_table, update_section
 
     parts = args.parts.split(",")
@@ -143,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             + "".join(f" --set {s}" for s in args.set) + f"` on {device} ({time.strftime('%Y-%m-%d')}).\n\n"
             + "\n\n".join(lines))
     print(body)
-    if not args.no_doc:
-        update_section("Scaling: torchrun on 2 GPUs" + (" (CPU check)" if args.cpu else ""), body)
+    if args.write_docs:
+        update_section("Scaling", body)
     return 0
 
 

@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transition", type=int, default=None, help="SuperBPE transition point t: stage-1 merges kept (default: 80%% of the merges)")
     parser.add_argument("--train-bytes", type=int, default=10**12, help="cap on the UTF-8 bytes of training text (the default takes all of it)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="stage encoding processes")
-    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="also write the tables into docs/benchmarks.md, section \"Tokenize\" (with --input: "
+                             "\"Tokenize (FILE NAME)\")")
 
 
 def _train(kind: str, texts_file: str, vocab: int, transition: int, out: str, queue) -> None:
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             f"{training}\n\nSuperBPE uses {fewer:.1%} fewer tokens than plain BPE on the validation split "
             f"(target: at least 20% at 65,536).\n\n{encode}\n\nTarget: the stage at least 0.90x the bare rate.")
     print(body)
-    if not args.no_doc:
+    if args.write_docs:
         update_section("Tokenize" + (f" ({Path(args.input).name})" if args.input else ""), body)
     return 0
 
