@@ -41,7 +41,7 @@ demo *args:
 make-corpus *args:
     {{python}} -m benchmarks.synthetic_corpus "$@"
 
-# extraction throughput vs bare orjson, written to docs/benchmarks.md
+# extraction throughput vs bare orjson (every bench-* prints its table; --write-docs also updates docs/benchmarks.md)
 bench-extract *args:
     {{python}} -m benchmarks.bench_extract "$@"
 
@@ -61,7 +61,7 @@ bench-loader *args:
 test *args:
     {{python}} -m pytest "$@"
 
-# precision modes side by side on the GPU (tokens/s, MFU, memory, loss, bpb) into docs/benchmarks.md
+# precision modes side by side on the GPU (tokens/s, MFU, memory, loss, bpb)
 bench-train *args:
     {{python}} -m benchmarks.bench_train "$@"
 

@@ -14,12 +14,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import HelpFormatter
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--megabytes", type=float, default=1000.0, help="size of the generated file")
     parser.add_argument("--input", type=Path, default=None, help="benchmark this JSONL instead of a generated one")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker count of the all-workers run")
-    parser.add_argument("--no-doc", action="store_true", help="print the table only; leave docs/benchmarks.md alone")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="also write the table into docs/benchmarks.md, section \"Extract\"")
 
 
 def _bare_parse(path: str, queue) -> None:
@@ -75,14 +78,13 @@ def run(args: argparse.Namespace) -> int:
             f" ({size_mb:.0f} MB; {machine_line()}).\n\n{table}\n\n"
             "Targets: 1 worker >= 0.50x bare, all workers > 1.00x bare, peak RSS < 1 GB.")
     print(body)
-    if not args.no_doc:
+    if args.write_docs:
         update_section("Extract", body)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just bench-extract", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="just bench-extract", description=__doc__, formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline import HelpFormatter
+
 
 def model_projections(config_path: Path, vocab_size: int) -> dict[str, tuple[int, int]]:
     """(fan_in, fan_out) of every GEMM of one block and of the head, as the preset's model builds them."""
@@ -63,15 +65,17 @@ def make_recipe(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just bench-linear", description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="configs/small.toml,configs/base.toml", help="presets, comma separated")
-    parser.add_argument("--tokens", default="16384,65536", help="tokens per micro-batch (micro_batch x seq_len), "
-                                                                "comma separated")
+    parser = argparse.ArgumentParser(prog="just bench-linear", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--configs", default="configs/small.toml,configs/base.toml",
+                        help="config files whose projections are timed, comma separated")
+    parser.add_argument("--tokens", default="16384,65536",
+                        help="tokens per micro-batch (micro_batch x seq_len), comma separated")
     parser.add_argument("--vocab-size", type=int, default=8192, help="head width (the tokenizer's vocabulary)")
-    parser.add_argument("--recipe", default="delayed", choices=("delayed", "current", "block"))
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--title", default="Projection GEMMs: BF16 against FP8", help="section in docs/benchmarks.md")
-    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--recipe", default="delayed", choices=("delayed", "current", "block"),
+                        help="FP8 scaling recipe of the te.Linear FP8 timings")
+    parser.add_argument("--repeats", type=int, default=30, help="timed forward + backward passes per measurement")
+    parser.add_argument("--title", default="Projection GEMMs", help="section of docs/benchmarks.md that --write-docs replaces")
+    parser.add_argument("--write-docs", action="store_true", help="also write the table into docs/benchmarks.md")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: bench-linear: needs a CUDA GPU with Transformer Engine")
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "Forward + backward of one projection, host launch work included; FP8 weight casts once per step. "
             "A speed-up below 1 means FP8 loses at that shape: mark the projection `bf16` in `[precision.map]`.")
     print(body)
-    if not args.no_doc:
+    if args.write_docs:
         update_section(args.title, body)
     return 0
 

@@ -2,8 +2,8 @@
 
 Builds real packed data from a generated corpus (extract, plain-BPE tokenize, pack) in a temporary
 folder, or reads `--data-dir`/`--manifests`, then times the loader over many batches. The trainer's
-need is the H100 throughput measured for the `small` model (compiled BF16, 532k tokens/s,
-../shared/device/README.md); the target is at least 50x that.
+need is the H100 throughput measured for the `small` model (compiled BF16, 532k tokens/s); the
+target is at least 50x that.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from train.loader import PackedLoader
+from pipeline import HelpFormatter
 from pipeline.packed import PackedSplit
+from train.loader import PackedLoader
 
 H100_SMALL_TOKENS_PER_S = 532_000
 
@@ -35,13 +36,14 @@ def build_demo_packs(root: Path, seq_lens: list[int]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just bench-loader", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="just bench-loader", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=None, help="use these packs instead of generated ones")
     parser.add_argument("--manifests", type=Path, default=Path("manifests"), help="manifests of --data-dir")
     parser.add_argument("--seq-len", default="128,2048", help="lengths to measure, comma separated")
     parser.add_argument("--batch-tokens", type=int, default=65536, help="tokens per batch (rows = this / N)")
     parser.add_argument("--batches", type=int, default=300, help="batches timed per length")
-    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="also write the table into docs/benchmarks.md, section \"Loader\"")
     args = parser.parse_args(argv)
     from benchmarks.report import machine_line, markdown_table, update_section
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     body = (f"`just bench-loader` (device {device.type}; {machine_line()}).\n\n{table}\n\n"
             "Target: at least 50x what the trainer consumes.")
     print(body)
-    if not args.no_doc:
+    if args.write_docs:
         update_section("Loader", body)
     return 0
 

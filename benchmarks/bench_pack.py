@@ -13,11 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import HelpFormatter
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=100_000_000, help="size of the synthetic token stream")
     parser.add_argument("--seq-len", default="128,2048", help="lengths to pack, comma separated")
-    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="also write the table into docs/benchmarks.md, section \"Pack\"")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,14 +50,13 @@ def run(args: argparse.Namespace) -> int:
     body = (f"`just bench-pack --tokens {args.tokens}` ({machine_line()}).\n\n" +
             markdown_table(["N", "tokens", "documents", "seconds", "tokens/s", "padding", "documents cut"], rows))
     print(body)
-    if not args.no_doc:
+    if args.write_docs:
         update_section("Pack", body)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just bench-pack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="just bench-pack", description=__doc__, formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import HelpFormatter
 from train import checkpoint
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
@@ -85,16 +86,23 @@ def rank_death(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just bench-scaling", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/small.toml")
-    parser.add_argument("--modes", default="bf16,fp8", help="precision modes, comma separated")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--set", action="append", default=[], help="config overrides for every run")
-    parser.add_argument("--out-dir", default="runs/scaling")
+    parser = argparse.ArgumentParser(prog="just bench-scaling", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--config", default="configs/small.toml", help="config file of every run")
+    parser.add_argument("--modes", default="bf16,fp8",
+                        help="trainer --precision values, comma separated; resume and kill use the first")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run (curriculum scaled alike)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override passed to every run (repeatable)")
+    parser.add_argument("--out-dir", default="runs/scaling", help="where the runs go")
     parser.add_argument("--cpu", action="store_true", help="gloo on the CPU (a functional check, no timing)")
-    parser.add_argument("--parts", default="scaling,resume,kill", help="which checks to run")
-    parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--parts", default="scaling,resume,kill",
+                        help="checks to run, comma separated: scaling (1 vs 2 GPUs), resume (across GPU counts), "
+                             "kill (a rank dies)")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="also write the result into docs/benchmarks.md, section \"Scaling\" (not with --cpu)")
     args = parser.parse_args(argv)
+    if args.cpu and args.write_docs:
+        parser.error("--write-docs: the CPU check is functional only and has no section in docs/benchmarks.md")
     from benchmarks.report import markdown_table, update_section
 
     parts = args.parts.split(",")
@@ -137,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             + "".join(f" --set {s}" for s in args.set) + f"` on {device} ({time.strftime('%Y-%m-%d')}).\n\n"
             + "\n\n".join(lines))
     print(body)
-    if not args.no_doc:
-        update_section("Scaling: torchrun on 2 GPUs" + (" (CPU check)" if args.cpu else ""), body)
+    if args.write_docs:
+        update_section("Scaling", body)
     return 0
 
 

@@ -16,15 +16,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import HelpFormatter
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", type=Path, default=None, help="frwiki JSONL to use instead of a generated corpus")
     parser.add_argument("--megabytes", type=float, default=100.0, help="size of the generated JSONL")
     parser.add_argument("--vocab-size", type=int, default=65536, help="vocabulary of both tokenizers")
-    parser.add_argument("--transition", type=int, default=None, help="SuperBPE t (default: 80%% of the merges)")
-    parser.add_argument("--train-bytes", type=int, default=10**12, help="cap on training text (default: all)")
+    parser.add_argument("--transition", type=int, default=None, help="SuperBPE transition point t: stage-1 merges kept (default: 80%% of the merges)")
+    parser.add_argument("--train-bytes", type=int, default=10**12, help="cap on the UTF-8 bytes of training text (the default takes all of it)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="stage encoding processes")
-    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="also write the tables into docs/benchmarks.md, section \"Tokenize\" (with --input: "
+                             "\"Tokenize (FILE NAME)\")")
 
 
 def _train(kind: str, texts_file: str, vocab: int, transition: int, out: str, queue) -> None:
@@ -145,14 +149,13 @@ def run(args: argparse.Namespace) -> int:
             f"{training}\n\nSuperBPE uses {fewer:.1%} fewer tokens than plain BPE on the validation split "
             f"(target: at least 20% at 65,536).\n\n{encode}\n\nTarget: the stage at least 0.90x the bare rate.")
     print(body)
-    if not args.no_doc:
+    if args.write_docs:
         update_section("Tokenize" + (f" ({Path(args.input).name})" if args.input else ""), body)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just bench-tokenize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="just bench-tokenize", description=__doc__, formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -1,6 +1,7 @@
 """`just bench-train`: the same model and packed data for a fixed number of steps in each precision
 mode, side by side in one run; a markdown table of tokens/s, MFU (against 989 TFLOP/s dense BF16),
-peak memory, the loss curve's start and end, and the final val bpb, written to docs/benchmarks.md.
+peak memory, the loss curve's start and end, and the final val bpb (with --write-docs also written
+to docs/benchmarks.md).
 
 Each mode trains in its own process (fresh memory peak) with the same seed, tokens per step and
 data order, so losses compare at equal tokens. A mode may carry config overrides after `+`, e.g.
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pipeline import HelpFormatter
 
 MODES = {  # name -> trainer arguments (run.compile is on by default: TE projections stay eager)
     "bf16-compiled": ["--precision", "bf16"],
@@ -65,18 +68,34 @@ def preset_rows(preset: str, results: list[tuple[str, dict | None, float]]) -> l
     return rows
 
 
+def section_title(configs: list[str], settings: list[str]) -> str:
+    """The docs section of a call, from its presets and their stage lengths: `Train: small at T=2048`."""
+    from train.config import apply_settings, load
+
+    lengths = []
+    for config in configs:
+        for stage in apply_settings(load(Path(config)), settings).curriculum:
+            if stage.seq_len not in lengths:
+                lengths.append(stage.seq_len)
+    return f"Train: {', '.join(Path(c).stem for c in configs)} at T={'/'.join(map(str, lengths))}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just bench-train", description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="configs/small.toml", help="presets to run, comma separated")
+    parser = argparse.ArgumentParser(prog="just bench-train", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--configs", default="configs/small.toml", help="config files to run, comma separated")
     parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma separated, of {list(MODES)}, each optionally followed by +KEY=VALUE overrides")
+                        help=f"comma separated, each one of {', '.join(MODES)}, optionally followed by +KEY=VALUE "
+                             "config overrides for that run only")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (curriculum scaled alike)")
-    parser.add_argument("--set", action="append", default=[], help="config overrides passed to every run")
-    parser.add_argument("--profile-steps", type=int, default=0,
-                        help="profile each run's last N steps: GPU time per kernel category in a second table")
-    parser.add_argument("--out-dir", default="runs/bench", help="where the runs go")
-    parser.add_argument("--title", default="Train", help="section title in docs/benchmarks.md")
-    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override passed to every run (repeatable); a mode's own overrides win")
+    parser.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                        help="profile each run's last N steps: GPU time per kernel category in a second table (0: off)")
+    parser.add_argument("--out-dir", default="runs/bench", help="where the runs go (their checkpoints are deleted)")
+    parser.add_argument("--title", default=None,
+                        help="section of docs/benchmarks.md that --write-docs replaces (default: from the presets "
+                             "and their sequence lengths after --set, e.g. \"Train: small at T=2048\")")
+    parser.add_argument("--write-docs", action="store_true", help="also write the tables into docs/benchmarks.md")
     args = parser.parse_args(argv)
     from benchmarks.report import markdown_table, update_section
 
@@ -84,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for mode in args.modes.split(","):
         mode_arguments(mode)  # an unknown mode fails before any run
+    title = args.title or (section_title(args.configs.split(","), args.set) if args.write_docs else None)
     rows, profile_rows = [], []
     for config in args.configs.split(","):
         preset, results = Path(config).stem, []
@@ -139,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                  "(kernels sorted by name, see train/profile.py; idle = no kernel running: launch gaps, host work):\n\n"
                  + markdown_table(["preset", "mode", "ms/step", *ORDER], profile_rows))
     print(body)
-    if not args.no_doc:
-        update_section(args.title, body)
+    if args.write_docs:
+        update_section(title, body)
     return 0
 
 

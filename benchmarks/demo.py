@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import HelpFormatter
+
 SEQ_LENS = (64, 256)
 
 
@@ -46,7 +48,7 @@ def run_step(name: str, function, *args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="just demo", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("demo"), help="folder for all demo outputs (replaced)")
     parser.add_argument("--megabytes", type=float, default=6.0, help="size of the generated corpus")
     parser.add_argument("--vocab-size", type=int, default=2048, help="SuperBPE vocabulary")

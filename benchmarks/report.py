@@ -1,4 +1,5 @@
-"""Benchmark tables: print them and keep them in docs/benchmarks.md, one section per benchmark."""
+"""Benchmark tables: every bench prints its table; with --write-docs it also replaces its section of
+docs/benchmarks.md (one section per benchmark)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 import resource
 from pathlib import Path
 
-BENCHMARKS_DOC = Path("docs/benchmarks.md")
+BENCHMARKS_DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"  # whatever the cwd
 
 
 def machine_line() -> str:
@@ -30,10 +31,11 @@ def peak_rss_mb(children: bool = False) -> float:
     return usage.ru_maxrss / 1024
 
 
-def update_section(name: str, body: str, doc: Path = BENCHMARKS_DOC) -> None:
-    """Replace (or append) the section `## name` of the benchmarks document."""
+def update_section(name: str, body: str, doc: Path | None = None) -> None:
+    """Replace (or append) the section `## name` of the benchmarks document (default: BENCHMARKS_DOC)."""
+    doc = doc or BENCHMARKS_DOC
     doc.parent.mkdir(parents=True, exist_ok=True)
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nEvery table here is written by a `just bench-*` recipe.\n"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     section = f"## {name}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section

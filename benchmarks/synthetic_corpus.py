@@ -14,6 +14,7 @@ from pathlib import Path
 
 import orjson
 
+from pipeline import HelpFormatter
 from pipeline.manifest import atomic_path
 
 PRENOMS = ["Jean", "Marie", "Pierre", "Louise", "Jacques", "Anne", "Henri", "Camille", "Louis", "Jeanne", "Paul",
@@ -224,8 +225,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just make-corpus", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="just make-corpus", description=__doc__, formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -11,6 +11,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from pipeline import HelpFormatter
 from pipeline.errors import StageError
 
 STAGES = {  # command -> module (each exposes add_arguments and run)
@@ -23,21 +24,22 @@ STAGES = {  # command -> module (each exposes add_arguments and run)
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
-                        help="root of the stage outputs; default input/output paths live under it (default: data)")
-    parser.add_argument("--manifests", type=Path, default=Path("manifests"),
-                        help="directory of the stage manifests (default: manifests)")
+                        help="root of the stage outputs; default input/output paths live under it")
+    parser.add_argument("--manifests", type=Path, default=Path("manifests"), help="directory of the stage manifests")
     parser.add_argument("--force", action="store_true",
                         help="rerun even when the manifest says the outputs are up to date")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    subparsers = parser.add_subparsers(dest="stage", required=True, metavar="STAGE",
+                                       help="the stage to run, in this order (`python -m pipeline STAGE --help`)")
     for name, module_name in STAGES.items():
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or "").strip()
-        sub = subparsers.add_parser(name, help=doc.splitlines()[0] if doc else name, description=doc,
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub = subparsers.add_parser(name, help=doc.split("\n\n")[0] if doc else name, description=doc,
+                                    formatter_class=HelpFormatter)
         add_common_arguments(sub)
         module.add_arguments(sub)
         sub.set_defaults(func=module.run)

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset version (the JSONL files exist only in version 1)")
     parser.add_argument("--file", default=layout.DEFAULT_FILE, help="file inside the dataset")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: DATA_DIR/raw)")
-    parser.add_argument("--from", dest="from_path", type=Path, default=None,
+    parser.add_argument("--from", dest="from_path", type=Path, default=None, metavar="PATH",
                         help="take this local file (JSONL, or a zip holding it) instead of downloading")
 
 

@@ -14,36 +14,39 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from pipeline import HelpFormatter
 from pipeline.errors import StageError
 from train.config import PRECISIONS, RECIPES, ConfigError, apply_overrides, apply_settings, load
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="just train", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="just train", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/small.toml"),
-                        help="preset or config file (configs/tiny.toml, small, yxanul-197m, base, ...)")
+                        help="TOML config file; the presets are configs/tiny.toml, small.toml, yxanul-197m.toml, "
+                             "base.toml, small-q-bf16.toml")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="override precision.mode: fp8 (Transformer Engine, GPU 8.9+), te-bf16 (TE modules with BF16 "
+                        help="override the config's precision.mode: fp8 (Transformer Engine, GPU 8.9+), te-bf16 (TE modules with BF16 "
                              "GEMMs: what TE costs apart from FP8), bf16, fp32")
-    parser.add_argument("--recipe", choices=RECIPES, default=None, help="override the FP8 scaling recipe")
+    parser.add_argument("--recipe", choices=RECIPES, default=None, help="override the config's FP8 scaling recipe (precision.recipe)")
     parser.add_argument("--max-steps", type=int, default=None,
-                        help="train this many optimizer steps in all, each stage's share scaled down alike")
+                        help="train this many optimizer steps in all, each stage's share scaled down alike (default: the "
+                             "whole curriculum)")
     parser.add_argument("--run", "--run-name", dest="run", default=None,
-                        help="run name: outputs go to runs/NAME (default: run.name); under torchrun write --run-name, "
-                             "since torchrun reads --run as its own --run-path")
-    parser.add_argument("--resume", action="store_true", help="continue runs/NAME exactly from its last checkpoint")
+                        help="run name: outputs go to OUT_DIR/NAME (default: the config's run.name); under torchrun write "
+                             "--run-name, since torchrun reads --run as its own --run-path")
+    parser.add_argument("--resume", action="store_true", help="continue OUT_DIR/NAME exactly from its last checkpoint")
     parser.add_argument("--stop-at-step", type=int, default=None,
                         help="checkpoint and stop after this step without changing the schedule (resume later)")
-    parser.add_argument("--data-dir", default=None, help="override data.data_dir (where packed/ lives)")
-    parser.add_argument("--manifests", default=None, help="override data.manifests")
-    parser.add_argument("--out-dir", default=None, help="override run.out_dir (default runs)")
+    parser.add_argument("--data-dir", default=None, help="where packed/ lives (default: the config's data.data_dir)")
+    parser.add_argument("--manifests", default=None, help="manifests folder (default: the config's data.manifests)")
+    parser.add_argument("--out-dir", default=None, help="parent folder of the run directory (default: the config's run.out_dir)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override any config key, e.g. --set optim.tokens_per_step=65536 (repeatable)")
+                        help="override any config key, e.g. --set optim.tokens_per_step=65536 (repeatable; curriculum.N.key "
+                             "for a stage)")
     parser.add_argument("--profile-steps", type=int, default=0, metavar="N",
                         help="profile the run's last N steps on the GPU: kernel time per category (GEMM, attention, "
-                             "FP8 casts, ...) and idle time into runs/NAME/profile.json (0: off)")
+                             "FP8 casts, ...) and idle time into OUT_DIR/NAME/profile.json (0: off)")
     parser.add_argument("--force", action="store_true", help="replace an existing run directory of the same name")
     return parser
 

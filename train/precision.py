@@ -140,7 +140,7 @@ def use_torchs_cudnn(maps: Path = Path("/proc/self/maps")) -> None:
     TE's core library links cuDNN's sub-libraries by name, and the loader would find the system's
     copies (cuDNN 9.14 on our H100 image; torch ships 9.19). With two builds mixed in one process,
     torch's attention stops choosing cuDNN and runs flash-attention 2, about 40% slower on an H100
-    (issue 7). Loading torch's own sub-libraries first, globally, makes every later lookup by name
+    (docs/log.md, "TE on torch's cuDNN"). Loading torch's own sub-libraries first, globally, makes every later lookup by name
     resolve to them, and $CUDNN_PATH makes TE's own search for libcudnn find torch's first."""
     if "CUDNN_HOME" in os.environ or "CUDNN_PATH" in os.environ or not maps.exists():
         return

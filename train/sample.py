@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import layout
+from pipeline import HelpFormatter, layout
 from pipeline.manifest import sha256_file
 from train import checkpoint
 from train.config import from_dict
@@ -140,17 +140,16 @@ def sample_text(model, tokenizer, prompt: str, settings: SampleSettings, eot_id:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just sample", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="just sample", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="checkpoint folder or file (default: the run's checkpoints/best)")
-    parser.add_argument("--run", default="small", help="run name, for the default checkpoint runs/NAME/checkpoints/best")
+                        help="checkpoint folder or file (default: OUT_DIR/RUN/checkpoints/best)")
+    parser.add_argument("--run", default="small", help="run name: the default checkpoint is the run's best")
     parser.add_argument("--out-dir", default="runs", help="where runs live")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer.json (default: DATA_DIR/tokenizer/tokenizer.json of the run's config)")
     parser.add_argument("--prompt", default="La ville de", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1: off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
