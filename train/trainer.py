@@ -22,12 +22,11 @@ from tqdm import tqdm
 
 from train import checkpoint
 from train.config import ConfigError, TrainConfig
+from train.flops import peak_bf16_flops
 from train.loader import IGNORE_INDEX, PackedLoader, make_batch
 from train.model import Transformer, cross_entropy
 from pipeline.packed import PackedDataError, PackedDataMissing, PackedSplit, check_seq_len
 from train.precision import Precision
-
-H100_BF16_DENSE_FLOPS = 989e12
 
 
 class TrainError(Exception):
@@ -184,6 +183,8 @@ class Trainer:
         self.stages = plan_stages(config, self.dist.world_size, max_steps, verify=config.data.verify)
         self.total_steps = sum(s.steps for s in self.stages)
         self.profiler = self.make_profiler(profile_steps)
+        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        self.peak_flops = peak_bf16_flops(self.device_name)  # None: MFU is written as 0.0, never guessed
         self.precision = Precision(config.precision, device)
         vocab = json.loads((Path(config.data.manifests) / f"pack-seq{self.stages[0].seq_len}.json").read_text())
         self.vocab_size = vocab["pack"]["vocab_size"]
@@ -287,6 +288,9 @@ class Trainer:
     def run(self) -> dict:
         """Train to the end of the curriculum (or stop_at_step); return the last metrics."""
         self.log_line(self.precision.table())
+        self.log_line(f"MFU against {self.peak_flops / 1e12:.4g} TFLOP/s dense BF16 ({self.device_name})"
+                      if self.peak_flops else
+                      f"MFU not reported: train/flops.py has no peak FLOP/s for {self.device_name}")
         for stage in self.stages:
             self.log_line(f"stage {stage.index}: seq {stage.seq_len}, micro-batch {stage.micro_batch}, "
                           f"grad accum {stage.grad_accum}, {stage.steps} steps")
@@ -377,8 +381,8 @@ class Trainer:
                             "tokens": self.step * tokens_per_step,
                             "loss": float(loss_sum) / max(window_steps, 1), "lr": lr, "grad_norm": float(grad_norm),
                             "tokens_per_s": tokens_per_s,
-                            "mfu": flops_per_token * tokens_per_s / (H100_BF16_DENSE_FLOPS * self.dist.world_size)
-                            if self.device.type == "cuda" else 0.0,
+                            "mfu": flops_per_token * tokens_per_s / (self.peak_flops * self.dist.world_size)
+                            if self.peak_flops else 0.0,
                             "memory_gb": torch.cuda.max_memory_allocated(self.device) / 2**30
                             if self.device.type == "cuda" else 0.0,
                             "skipped_steps": self.skipped_steps}
