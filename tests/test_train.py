@@ -382,3 +382,72 @@ def test_torchs_cudnn_libraries_are_loaded_before_transformer_engine(monkeypatch
     wanted = {str(path) for path in lib.parent.glob("libcudnn_*.so*")}
     assert wanted and wanted <= mapped
     assert os.environ["CUDNN_PATH"] == str(lib.parent)
+
+
+def make_trainer(packed, run_dir, steps=(5, 4), stop_at_step=None, **run):
+    """A Trainer built directly (not through `just train`), so a test can call its parts."""
+    from train.trainer import Trainer
+
+    config = load(write_config(run_dir.parent / f"{run_dir.name}.toml", steps=steps, **run))
+    config.data.data_dir, config.data.manifests = str(packed / "data"), str(packed / "manifests")
+    run_dir.mkdir(parents=True)
+    return Trainer(config, run_dir, torch.device("cpu"), stop_at_step=stop_at_step)
+
+
+def test_when_the_loop_logs_evaluates_and_checkpoints(packed, tmp_path, capsys):
+    """Stages of 5 and 4 steps, stopped after step 7: the decisions step by step, then what a run does
+    with them (evaluation only on logged steps, so not at 3; a checkpoint at the stop, for --resume)."""
+    trainer = make_trainer(packed, tmp_path / "run", stop_at_step=7, log_every=2, eval_every=3, checkpoint_every=4,
+                           keep_last=10)
+    stage_end = {step: 5 if step <= 5 else 9 for step in range(1, 10)}
+
+    def firing(decision):
+        return [step for step, end in stage_end.items() if decision(step, end)]
+
+    assert firing(trainer.should_log) == [2, 4, 5, 6, 8, 9]
+    assert firing(trainer.should_eval) == [3, 5, 6, 9]
+    assert firing(trainer.should_checkpoint) == [4, 5, 7, 8, 9]
+
+    hooked = []
+    trainer.after_step_hooks.append(hooked.append)
+    trainer.run()
+    assert hooked == [1, 2, 3, 4, 5, 6, 7]
+    lines = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [2, 4, 5, 6]
+    assert [m["step"] for m in lines if "val_loss" in m] == [5, 6]
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == [
+        "best.pt", "step_0000004.pt", "step_0000005.pt", "step_0000007.pt"]
+    assert "MFU not reported" in capsys.readouterr().out and all(m["mfu"] == 0.0 for m in lines)
+
+
+def test_a_non_finite_step_is_skipped_and_too_many_in_a_row_stop_the_run(packed, tmp_path, monkeypatch):
+    from train.trainer import TrainError
+
+    trainer = make_trainer(packed, tmp_path / "run", max_bad_steps=2)
+    stage = trainer.stages[0]
+    loader = trainer.stage_loader(stage)
+    real_clip, poisoned = torch.nn.utils.clip_grad_norm_, []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: real_clip(params, max_norm) * (math.nan if poisoned else 1.0))
+
+    def step():
+        weights = [p.detach().clone() for p in trainer.model.parameters()]
+        result = trainer.train_step([next(loader) for _ in range(stage.grad_accum)])
+        updated = not all(torch.equal(p, w) for p, w in zip(trainer.model.parameters(), weights))
+        assert all(p.grad is None for p in trainer.model.parameters())
+        return result, updated
+
+    try:
+        poisoned.append(True)
+        result, updated = step()
+        assert result.skipped and not updated and (trainer.bad_steps, trainer.skipped_steps) == (1, 1)
+        poisoned.clear()
+        result, updated = step()
+        assert not result.skipped and updated and (trainer.bad_steps, trainer.skipped_steps) == (0, 1)
+        poisoned.append(True)
+        step()
+        with pytest.raises(TrainError, match="2 non-finite steps in a row"):
+            step()
+        assert trainer.skipped_steps == 3
+    finally:
+        loader.close()

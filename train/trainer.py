@@ -4,6 +4,11 @@ Tokens per optimizer step are constant across stages; gradient accumulation is d
 Loss values are synced to the host only every `log_every` steps (one finiteness check of the
 gradient norm per step decides whether a NaN/Inf step is skipped). Validation reports nats/token
 and bits per byte.
+
+The loop reads like torchtitan's trainer: `train_step` takes exactly one optimizer step and nothing
+else; when to log, evaluate and checkpoint are one-line decisions beside it (`should_log`,
+`should_eval`, `should_checkpoint`); anything else that watches the steps (the profiler) is an
+after-step hook.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +28,11 @@ from tqdm import tqdm
 
 from train import checkpoint
 from train.config import ConfigError, TrainConfig
-from train.loader import IGNORE_INDEX, PackedLoader, make_batch
+from train.flops import peak_bf16_flops
+from train.loader import IGNORE_INDEX, Batch, PackedLoader, make_batch
 from train.model import Transformer, cross_entropy
 from pipeline.packed import PackedDataError, PackedDataMissing, PackedSplit, check_seq_len
 from train.precision import Precision
-
-H100_BF16_DENSE_FLOPS = 989e12
 
 
 class TrainError(Exception):
@@ -44,6 +49,37 @@ class Stage:
     first_step: int  # global optimizer step at which this stage starts (0-based)
     train: PackedSplit
     val: PackedSplit
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step hands the loop. The tensors stay on the device: reading them is a host
+    sync, which the loop does only when it logs."""
+    lr: float
+    loss: torch.Tensor  # this rank's share of the step's mean loss over every target of all ranks
+    grad_norm: torch.Tensor  # before clipping
+    skipped: bool  # non-finite gradients: no update, not counted in the logged loss
+
+
+class LogWindow:
+    """The steps since the last metrics line: their summed loss (on the device) and their wall time.
+
+    The loop restarts it after the line's evaluation and checkpoint, so neither counts as training
+    time in tokens/s."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def restart(self) -> None:
+        self.loss_sum.zero_()
+        self.steps = 0
+        self.start = time.perf_counter()
 
 
 @dataclass
@@ -184,6 +220,10 @@ class Trainer:
         self.stages = plan_stages(config, self.dist.world_size, max_steps, verify=config.data.verify)
         self.total_steps = sum(s.steps for s in self.stages)
         self.profiler = self.make_profiler(profile_steps)
+        # Called with the step count after every optimizer step, in order; they observe, never decide.
+        self.after_step_hooks: list[Callable[[int], None]] = [self.profiler.after_step] if self.profiler else []
+        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        self.peak_flops = peak_bf16_flops(self.device_name)  # None: MFU is written as 0.0, never guessed
         self.precision = Precision(config.precision, device)
         self.vocab_size = self.stages[0].train.vocab_size
         self.tokenizer_sha256 = self.stages[0].train.tokenizer_sha256
@@ -289,6 +329,9 @@ class Trainer:
     def run(self) -> dict:
         """Train to the end of the curriculum (or stop_at_step); return the last metrics."""
         self.log_line(self.precision.table())
+        self.log_line(f"MFU against {self.peak_flops / 1e12:.4g} TFLOP/s dense BF16 ({self.device_name})"
+                      if self.peak_flops else
+                      f"MFU not reported: train/flops.py has no peak FLOP/s for {self.device_name}")
         for stage in self.stages:
             self.log_line(f"stage {stage.index}: seq {stage.seq_len}, micro-batch {stage.micro_batch}, "
                           f"grad accum {stage.grad_accum}, {stage.steps} steps")
@@ -300,11 +343,14 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main)
         metrics: dict = {}
         try:
-            while self.step < self.total_steps:
-                if self.stop_at_step is not None and self.step >= self.stop_at_step:
-                    break
+            while self.step < self.total_steps and not self.stop_requested():
                 stage = self.stage_at(self.step)
-                metrics = self.train_stage(stage, bar, writer)
+                try:
+                    metrics = self.train_stage(stage, bar, writer)
+                except torch.OutOfMemoryError:
+                    raise TrainError(f"CUDA out of memory at stage {stage.index} (seq {stage.seq_len}, micro-batch "
+                                     f"{stage.micro_batch}): lower curriculum[{stage.index}].micro_batch (gradient "
+                                     f"accumulation keeps the tokens per step)") from None
         finally:
             bar.close()
             if writer is not None:
@@ -312,101 +358,137 @@ class Trainer:
         return metrics
 
     def train_stage(self, stage: Stage, bar, writer) -> dict:
-        cfg = self.config
-        loader = PackedLoader(stage.train, batch_rows=stage.micro_batch * self.dist.world_size, seed=cfg.data.seed,
-                              rank=self.dist.rank, world_size=self.dist.world_size,
-                              position=self.positions.get(str(stage.index), 0), device=self.device,
-                              epoch_multiple=stage.micro_batch * self.dist.world_size * stage.grad_accum)
-        flops_per_token = self.model.flops_per_token(stage.seq_len)
-        tokens_per_step = cfg.optim.tokens_per_step
-        group = dist.group.WORLD if self.dist.world_size > 1 else None
-        loss_sum = torch.zeros((), device=self.device)
-        window_start, window_steps, last = time.perf_counter(), 0, {}
+        """Train from the current step to the stage's end (or stop_at_step); return the last metrics line."""
+        loader = self.stage_loader(stage)
         end = stage.first_step + stage.steps
+        window, last = LogWindow(self.device), {}
         try:
-            while self.step < end and (self.stop_at_step is None or self.step < self.stop_at_step):
-                lr = learning_rate(cfg, self.step, self.total_steps)
-                for group_ in self.optimizer.param_groups:
-                    group_["lr"] = lr
-                # The loss is the mean over every target of the step, all ranks together: the same
-                # computation whatever the GPU count or gradient accumulation.
-                batches = [next(loader) for _ in range(stage.grad_accum)]
-                n_targets = sum((b.targets != IGNORE_INDEX).sum() for b in batches).float()
-                if self.dist.world_size > 1:
-                    dist.all_reduce(n_targets)
-                step_loss = torch.zeros((), device=self.device)
-                for micro, batch in enumerate(batches):
-                    self.precision.first_microbatch = micro == 0
-                    no_sync = (self.dist.world_size > 1 and micro < stage.grad_accum - 1)
-                    with (self.forward_model.no_sync() if no_sync else contextlib.nullcontext()):
-                        with self.precision.autocast(group):
-                            logits = self.forward_model(batch.inputs,
-                                                        batch.doc_lens if cfg.attention.doc_mask else None)
-                        loss = self.loss_fn(logits, batch.targets, reduction="sum") / n_targets
-                        (loss * self.dist.world_size).backward()  # DDP averages gradients over ranks
-                    step_loss += loss.detach()
-                self.precision.first_microbatch = None  # evaluation and the next step recast the weights
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                           cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-                if not bool(torch.isfinite(grad_norm)):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.bad_steps += 1
-                    self.skipped_steps += 1
-                    self.log_line(f"step {self.step + 1}: non-finite loss or gradient, step skipped "
-                                  f"({self.bad_steps} in a row)")
-                    if self.bad_steps >= cfg.run.max_bad_steps:
-                        raise TrainError(f"{self.bad_steps} non-finite steps in a row; stopped. The last good checkpoint "
-                                         f"is in {self.run_dir / 'checkpoints'}; lower optim.lr or check the data")
-                else:
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.bad_steps = 0
-                    loss_sum += step_loss
-                    window_steps += 1
+            while self.step < end and not self.stop_requested():
+                result = self.train_step([next(loader) for _ in range(stage.grad_accum)])
+                if not result.skipped:
+                    window.add(result.loss)
                 self.step += 1
                 self.positions[str(stage.index)] = loader.position
                 bar.update(1)
-                if self.profiler is not None:
-                    self.profiler.after_step(self.step)
-                stage_end = self.step == end
-                window_closed = self.step % cfg.run.log_every == 0 or stage_end
-                if window_closed:
-                    if self.dist.world_size > 1:
-                        dist.all_reduce(loss_sum)  # each rank holds its share of the global mean
-                    elapsed = time.perf_counter() - window_start
-                    tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                    last = {"step": self.step, "stage": stage.index, "seq_len": stage.seq_len,
-                            "tokens": self.step * tokens_per_step,
-                            "loss": float(loss_sum) / max(window_steps, 1), "lr": lr, "grad_norm": float(grad_norm),
-                            "tokens_per_s": tokens_per_s,
-                            "mfu": flops_per_token * tokens_per_s / (H100_BF16_DENSE_FLOPS * self.dist.world_size)
-                            if self.device.type == "cuda" else 0.0,
-                            "memory_gb": torch.cuda.max_memory_allocated(self.device) / 2**30
-                            if self.device.type == "cuda" else 0.0,
-                            "skipped_steps": self.skipped_steps}
-                    bar.set_postfix_str(f"stage {stage.index} loss {last['loss']:.3f} {tokens_per_s / 1e3:.1f}k tok/s "
-                                        f"MFU {last['mfu']:.1%}")
-                    loss_sum.zero_()
-                    window_steps = 0
-                    if self.step % cfg.run.eval_every == 0 or stage_end:
-                        last.update(evaluate(self.forward_model, stage.val, self.precision, stage.micro_batch,
-                                             cfg.run.eval_rows, cfg.attention.doc_mask, self.device, self.dist))
-                        self.log_line(f"step {self.step}: val loss {last['val_loss']:.4f}, val bpb {last['val_bpb']:.4f}")
+                for hook in self.after_step_hooks:
+                    hook(self.step)
+                logged = self.should_log(self.step, end)
+                if logged:
+                    last = self.window_metrics(stage, result, window)
+                    bar.set_postfix_str(f"stage {stage.index} loss {last['loss']:.3f} "
+                                        f"{last['tokens_per_s'] / 1e3:.1f}k tok/s MFU {last['mfu']:.1%}")
+                    if self.should_eval(self.step, end):
+                        last.update(self.validate(stage))
                     self.write_metrics(last, writer)
-                if self.step % cfg.run.checkpoint_every == 0 or stage_end or self.step == self.stop_at_step:
-                    is_best = "val_loss" in last and last["step"] == self.step and last["val_loss"] < self.best_val
-                    if is_best:
-                        self.best_val = last["val_loss"]
-                    self.save(is_best)
-                if window_closed:  # evaluation and checkpointing are not training time
-                    window_start = time.perf_counter()
-        except torch.OutOfMemoryError:
-            raise TrainError(f"CUDA out of memory at stage {stage.index} (seq {stage.seq_len}, micro-batch "
-                             f"{stage.micro_batch}): lower curriculum[{stage.index}].micro_batch (gradient accumulation "
-                             f"keeps the tokens per step)") from None
+                if self.should_checkpoint(self.step, end):
+                    self.save_checkpoint(last)
+                if logged:
+                    window.restart()  # evaluation and checkpointing are not training time
         finally:
             loader.close()
         return last
+
+    def stage_loader(self, stage: Stage) -> PackedLoader:
+        """The stage's batches from where this run left them (a resume restores the position)."""
+        rows = stage.micro_batch * self.dist.world_size
+        return PackedLoader(stage.train, batch_rows=rows, seed=self.config.data.seed, rank=self.dist.rank,
+                            world_size=self.dist.world_size, position=self.positions.get(str(stage.index), 0),
+                            device=self.device, epoch_multiple=rows * stage.grad_accum)
+
+    def train_step(self, batches: list[Batch]) -> StepResult:
+        """Exactly one optimizer step over its micro-batches (gradient accumulation), at the scheduled lr.
+
+        A step whose gradient norm is not finite is skipped: no update, counted, and after
+        run.max_bad_steps of them in a row the run stops with TrainError."""
+        cfg = self.config
+        lr = learning_rate(cfg, self.step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # The loss is the mean over every target of the step, all ranks together: the same
+        # computation whatever the GPU count or gradient accumulation.
+        n_targets = sum((b.targets != IGNORE_INDEX).sum() for b in batches).float()
+        distributed = self.dist.world_size > 1
+        if distributed:
+            dist.all_reduce(n_targets)
+        amax_group = dist.group.WORLD if distributed else None  # FP8 scales agree across ranks
+        step_loss = torch.zeros((), device=self.device)
+        for micro, batch in enumerate(batches):
+            self.precision.first_microbatch = micro == 0
+            no_sync = distributed and micro < len(batches) - 1  # DDP reduces gradients after the last one only
+            with (self.forward_model.no_sync() if no_sync else contextlib.nullcontext()):
+                with self.precision.autocast(amax_group):
+                    logits = self.forward_model(batch.inputs, batch.doc_lens if cfg.attention.doc_mask else None)
+                loss = self.loss_fn(logits, batch.targets, reduction="sum") / n_targets
+                (loss * self.dist.world_size).backward()  # DDP averages gradients over ranks
+            step_loss += loss.detach()
+        self.precision.first_microbatch = None  # evaluation and the next step recast the weights
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+        if not bool(torch.isfinite(grad_norm)):  # the step's one host sync
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            self.log_line(f"step {self.step + 1}: non-finite loss or gradient, step skipped "
+                          f"({self.bad_steps} in a row)")
+            if self.bad_steps >= cfg.run.max_bad_steps:
+                raise TrainError(f"{self.bad_steps} non-finite steps in a row; stopped. The last good checkpoint "
+                                 f"is in {self.run_dir / 'checkpoints'}; lower optim.lr or check the data")
+            return StepResult(lr, step_loss, grad_norm, skipped=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps = 0
+        return StepResult(lr, step_loss, grad_norm, skipped=False)
+
+    # ------------------------------------------ decisions, on the number of steps taken (1, 2, ...)
+
+    def stop_requested(self) -> bool:
+        """--stop-at-step: no step past it (the schedule stays that of the whole run)."""
+        return self.stop_at_step is not None and self.step >= self.stop_at_step
+
+    def should_log(self, step: int, stage_end: int) -> bool:
+        """A metrics line (one host sync of the loss) every log_every steps and at each stage's end."""
+        return step % self.config.run.log_every == 0 or step == stage_end
+
+    def should_eval(self, step: int, stage_end: int) -> bool:
+        """Validation every eval_every steps and at each stage's end; it joins that step's metrics line,
+        so it happens only where should_log is true too."""
+        return step % self.config.run.eval_every == 0 or step == stage_end
+
+    def should_checkpoint(self, step: int, stage_end: int) -> bool:
+        """Every checkpoint_every steps, at each stage's end, and at --stop-at-step (for --resume)."""
+        return step % self.config.run.checkpoint_every == 0 or step == stage_end or step == self.stop_at_step
+
+    # ------------------------------------------------------------------------------ around the step
+
+    def window_metrics(self, stage: Stage, result: StepResult, window: LogWindow) -> dict:
+        """The metrics line closing the window at this step: its mean loss (the one host sync of the
+        loss), throughput and MFU; lr and grad_norm are those of the last step."""
+        if self.dist.world_size > 1:
+            dist.all_reduce(window.loss_sum)  # each rank holds its share of the global mean
+        tokens_per_step = self.config.optim.tokens_per_step
+        tokens_per_s = window.steps * tokens_per_step / max(time.perf_counter() - window.start, 1e-9)
+        flops_per_s = self.model.flops_per_token(stage.seq_len) * tokens_per_s
+        on_gpu = self.device.type == "cuda"
+        return {"step": self.step, "stage": stage.index, "seq_len": stage.seq_len,
+                "tokens": self.step * tokens_per_step, "loss": float(window.loss_sum) / max(window.steps, 1),
+                "lr": result.lr, "grad_norm": float(result.grad_norm), "tokens_per_s": tokens_per_s,
+                "mfu": flops_per_s / (self.peak_flops * self.dist.world_size) if self.peak_flops else 0.0,
+                "memory_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if on_gpu else 0.0,
+                "skipped_steps": self.skipped_steps}
+
+    def validate(self, stage: Stage) -> dict[str, float]:
+        """Validation loss and bits per byte on the stage's val split, at its sequence length."""
+        result = evaluate(self.forward_model, stage.val, self.precision, stage.micro_batch, self.config.run.eval_rows,
+                          self.config.attention.doc_mask, self.device, self.dist)
+        self.log_line(f"step {self.step}: val loss {result['val_loss']:.4f}, val bpb {result['val_bpb']:.4f}")
+        return result
+
+    def save_checkpoint(self, last: dict) -> None:
+        """Save; it is also best.pt when this very step was evaluated and beat every earlier evaluation."""
+        is_best = "val_loss" in last and last["step"] == self.step and last["val_loss"] < self.best_val
+        if is_best:
+            self.best_val = last["val_loss"]
+        self.save(is_best)
 
     def write_metrics(self, metrics: dict, writer) -> None:
         if not self.dist.is_main:
