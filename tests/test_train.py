@@ -416,7 +416,7 @@ def test_when_the_loop_logs_evaluates_and_checkpoints(packed, tmp_path, capsys):
     assert [m["step"] for m in lines] == [2, 4, 5, 6]
     assert [m["step"] for m in lines if "val_loss" in m] == [5, 6]
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == [
-        "best.pt", "step_0000004.pt", "step_0000005.pt", "step_0000007.pt"]
+        "best", "step_0000004", "step_0000005", "step_0000007"]
     assert "MFU not reported" in capsys.readouterr().out and all(m["mfu"] == 0.0 for m in lines)
 
 

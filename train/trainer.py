@@ -484,7 +484,7 @@ class Trainer:
         return result
 
     def save_checkpoint(self, last: dict) -> None:
-        """Save; it is also best.pt when this very step was evaluated and beat every earlier evaluation."""
+        """Save; its weights also become best/ when this very step was evaluated and beat every earlier evaluation."""
         is_best = "val_loss" in last and last["step"] == self.step and last["val_loss"] < self.best_val
         if is_best:
             self.best_val = last["val_loss"]
