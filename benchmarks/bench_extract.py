@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import HelpFormatter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +55,7 @@ def measure(target, *args) -> tuple[float, float, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.report import machine_line, markdown_table, update_section
+    from benchmarks.report import machine_line, markdown_table, publish
     from benchmarks.synthetic_corpus import write_corpus
 
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
@@ -77,16 +76,13 @@ def run(args: argparse.Namespace) -> int:
     body = (f"`just bench-extract --megabytes {args.megabytes:.0f}`" + (f" on {args.input}" if args.input else "") +
             f" ({size_mb:.0f} MB; {machine_line()}).\n\n{table}\n\n"
             "Targets: 1 worker >= 0.50x bare, all workers > 1.00x bare, peak RSS < 1 GB.")
-    print(body)
-    if args.write_docs:
-        update_section("Extract", body)
-    return 0
+    return publish("Extract", body, args.write_docs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just bench-extract", description=__doc__, formatter_class=HelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from benchmarks.report import command_line
+
+    return command_line("just bench-extract", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

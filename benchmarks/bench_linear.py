@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformer_engine
     import transformer_engine.pytorch as te
 
-    from benchmarks.report import markdown_table, update_section
+    from benchmarks.report import markdown_table, publish
 
     recipe = make_recipe(args.recipe)
     rows = []
@@ -113,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             f"torch {torch.__version__}, Transformer Engine {transformer_engine.__version__}).\n\n{table}\n\n"
             "Forward + backward of one projection, host launch work included; FP8 weight casts once per step. "
             "A speed-up below 1 means FP8 loses at that shape: mark the projection `bf16` in `[precision.map]`.")
-    print(body)
-    if args.write_docs:
-        update_section(args.title, body)
-    return 0
+    return publish(args.title, body, args.write_docs)
 
 
 if __name__ == "__main__":

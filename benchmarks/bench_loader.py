@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-docs", action="store_true",
                         help="also write the table into docs/benchmarks.md, section \"Loader\"")
     args = parser.parse_args(argv)
-    from benchmarks.report import machine_line, markdown_table, update_section
+    from benchmarks.report import machine_line, markdown_table, publish
 
     seq_lens = [int(s) for s in args.seq_len.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(["N", "rows/batch", "rows/s", "tokens/s", "x H100 `small` trainer (532k tok/s)"], rows)
     body = (f"`just bench-loader` (device {device.type}; {machine_line()}).\n\n{table}\n\n"
             "Target: at least 50x what the trainer consumes.")
-    print(body)
-    if args.write_docs:
-        update_section("Loader", body)
-    return 0
+    return publish("Loader", body, args.write_docs)
 
 
 if __name__ == "__main__":

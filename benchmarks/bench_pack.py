@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import HelpFormatter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.report import machine_line, markdown_table, update_section
+    from benchmarks.report import machine_line, markdown_table, publish
     from pipeline.pack import pack_split
     from pipeline.tokenize_stage import DOC_INDEX_DTYPE
     from pipeline.layout import packed_files
@@ -49,16 +48,13 @@ def run(args: argparse.Namespace) -> int:
                          f"{counts['documents_cut']:,}"])
     body = (f"`just bench-pack --tokens {args.tokens}` ({machine_line()}).\n\n" +
             markdown_table(["N", "tokens", "documents", "seconds", "tokens/s", "padding", "documents cut"], rows))
-    print(body)
-    if args.write_docs:
-        update_section("Pack", body)
-    return 0
+    return publish("Pack", body, args.write_docs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just bench-pack", description=__doc__, formatter_class=HelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from benchmarks.report import command_line
+
+    return command_line("just bench-pack", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

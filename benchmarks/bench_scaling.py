@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cpu and args.write_docs:
         parser.error("--write-docs: the CPU check is functional only and has no section in docs/benchmarks.md")
-    from benchmarks.report import markdown_table, update_section
+    from benchmarks.report import markdown_table, publish
 
     parts = args.parts.split(",")
     lines = []
@@ -144,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     body = (f"`python -m benchmarks.bench_scaling --config {args.config} --modes {args.modes} --steps {args.steps}"
             + "".join(f" --set {s}" for s in args.set) + f"` on {device} ({time.strftime('%Y-%m-%d')}).\n\n"
             + "\n\n".join(lines))
-    print(body)
-    if args.write_docs:
-        update_section("Scaling", body)
-    return 0
+    return publish("Scaling", body, args.write_docs)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import HelpFormatter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tokenizers import Tokenizer
 
-    from benchmarks.report import machine_line, markdown_table, update_section
+    from benchmarks.report import machine_line, markdown_table, publish
     from benchmarks.synthetic_corpus import write_corpus
     from pipeline.extract import ExtractOptions, extract
     from pipeline.tokenize_stage import choose_val_articles, iter_documents, training_texts
@@ -148,16 +147,13 @@ def run(args: argparse.Namespace) -> int:
             f"` ({train_mb:.1f} MB of training text, {corpus_mb:.1f} MB encoded; {machine_line()}).\n\n"
             f"{training}\n\nSuperBPE uses {fewer:.1%} fewer tokens than plain BPE on the validation split "
             f"(target: at least 20% at 65,536).\n\n{encode}\n\nTarget: the stage at least 0.90x the bare rate.")
-    print(body)
-    if args.write_docs:
-        update_section("Tokenize" + (f" ({Path(args.input).name})" if args.input else ""), body)
-    return 0
+    return publish("Tokenize" + (f" ({Path(args.input).name})" if args.input else ""), body, args.write_docs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just bench-tokenize", description=__doc__, formatter_class=HelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from benchmarks.report import command_line
+
+    return command_line("just bench-tokenize", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

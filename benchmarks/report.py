@@ -3,11 +3,15 @@ docs/benchmarks.md (one section per benchmark)."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import platform
 import re
 import resource
 from pathlib import Path
+from typing import Callable
+
+from pipeline import HelpFormatter
 
 BENCHMARKS_DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"  # whatever the cwd
 
@@ -40,3 +44,19 @@ def update_section(name: str, body: str, doc: Path | None = None) -> None:
     pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     doc.write_text(text.rstrip() + "\n")
+
+
+def publish(section: str, body: str, write_docs: bool) -> int:
+    """Print a bench's result; with --write-docs also make it the section of docs/benchmarks.md."""
+    print(body)
+    if write_docs:
+        update_section(section, body)
+    return 0
+
+
+def command_line(prog: str, doc: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                 run: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+    """The `main` of a tool that declares its options apart (`add_arguments`) from its work (`run`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

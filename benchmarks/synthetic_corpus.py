@@ -14,7 +14,6 @@ from pathlib import Path
 
 import orjson
 
-from pipeline import HelpFormatter
 from pipeline.manifest import atomic_path
 
 PRENOMS = ["Jean", "Marie", "Pierre", "Louise", "Jacques", "Anne", "Henri", "Camille", "Louis", "Jeanne", "Paul",
@@ -225,9 +224,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just make-corpus", description=__doc__, formatter_class=HelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from benchmarks.report import command_line
+
+    return command_line("just make-corpus", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
