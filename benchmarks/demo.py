@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({summary['bpb_vs_unigram']:.0%} of it)")
     print(f"sample: {summary['sample_tokens_per_s']} tokens/s, mean entropy {summary['sample_mean_entropy_nats']} nats, "
           f"repeated 4-grams {summary['sample_repeated_4gram_rate']:.0%}")
+    print(f"sample again: just sample --out-dir {shlex.quote(str(runs))} --run tiny --prompt {shlex.quote(prompt)}")
     print(f"artifacts: corpus {root / 'frwiki_demo.jsonl'}, data {data}, manifests {manifests}, "
           f"run {runs / 'tiny'} (metrics.jsonl, tensorboard/, checkpoints/)")
     print(f"wall time {summary['wall_seconds']:.0f} s")
