@@ -276,3 +276,11 @@ def test_weights_that_do_not_fit_their_config_are_a_one_line_error(trained, tmp_
     code, out, err = main(["--checkpoint", str(tmp_path / "best"), "--device", "cpu"]), *capsys.readouterr()
     assert_one_line_error(code, out, err, "the weights do not fit the model of their config")
 
+
+def test_bench_sample_prints_a_row_per_batch_size(capsys):
+    from benchmarks import bench_sample
+
+    assert bench_sample.main(["--config", "configs/tiny.toml", "--vocab-size", "300", "--prompt-tokens", "3",
+                              "--new-tokens", "4", "--devices", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| CPU, FP32 | eager | 1 |" in out and "| CPU, FP32 | eager | 64 |" in out
