@@ -72,3 +72,7 @@ bench-scaling *args:
 # each projection of a preset, torch BF16 vs TE FP8 at the model's shapes: the per-projection FP8 policy
 bench-linear *args:
     {{python}} -m benchmarks.bench_linear "$@"
+
+# generation speed: new tokens/s at batch 1 and 64, CPU and GPU (eager and as a CUDA graph)
+bench-sample *args:
+    {{python}} -m benchmarks.bench_sample "$@"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.cli import main as pipeline_main
     from benchmarks.synthetic_corpus import write_corpus
     from train.__main__ import main as train_main
-    from train.sample import SampleSettings, load_model, sample_text
+    from train.sample import Decoder, SampleSettings, load_model, sample_text
 
     started = time.perf_counter()
     root = args.root
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     final = metrics[-1]
     baseline = unigram_bpb(data, manifests, SEQ_LENS[-1])
     print("demo: 6/6 sampling with the KV cache", flush=True)
-    model, _ = load_model(runs / "tiny" / "checkpoints" / "best", torch.device(device))
+    model, found = load_model(runs / "tiny" / "checkpoints" / "best", torch.device(device))
     from tokenizers import Tokenizer
 
     from pipeline import layout
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer.from_file(str(layout.tokenizer_file(data)))
     prompt = "La commune de"
     sys.stdout.write("\n" + prompt)
-    sample = sample_text(model, tokenizer, prompt, SampleSettings(max_new_tokens=80, temperature=0.8, top_p=0.95),
+    decoder = Decoder(model, 1, vocab_size=found.vocab_size, compile=False)  # 80 tokens do not repay a compilation
+    sample = sample_text(decoder, tokenizer, prompt, SampleSettings(max_new_tokens=80, temperature=0.8, top_p=0.95),
                          tokenizer.token_to_id("<|endoftext|>"), sys.stdout)
     tokens_trained = final["tokens"]
     summary = {
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({summary['bpb_vs_unigram']:.0%} of it)")
     print(f"sample: {summary['sample_tokens_per_s']} tokens/s, mean entropy {summary['sample_mean_entropy_nats']} nats, "
           f"repeated 4-grams {summary['sample_repeated_4gram_rate']:.0%}")
+    print(f"sample again: just sample --out-dir {shlex.quote(str(runs))} --run tiny --prompt {shlex.quote(prompt)}")
     print(f"artifacts: corpus {root / 'frwiki_demo.jsonl'}, data {data}, manifests {manifests}, "
           f"run {runs / 'tiny'} (metrics.jsonl, tensorboard/, checkpoints/)")
     print(f"wall time {summary['wall_seconds']:.0f} s")

@@ -7,13 +7,14 @@ they share a precision, separate otherwise; gate and up likewise.
 
 Attention: PyTorch SDPA (flash / cuDNN kernels) by default. With document masking, a varlen
 kernel on the GPU (flash-attn when installed, else Transformer Engine's thd attention) and a
-block-diagonal causal mask on the CPU. Sampling uses a KV cache.
+block-diagonal causal mask on the CPU. Generation uses a static KV cache (`KVCache`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -83,14 +84,40 @@ class DocLayout:
 
 
 class KVCache:
-    """Keys and values of every layer for generation: prefill once, then one token at a time."""
+    """Keys and values of every layer for generation, preallocated once to `max_len` slots for a
+    batch: shapes never change, so a decode step can be captured as a CUDA graph.
+
+    The token at position p of a row is stored in slot p of that row and sees slots 0..p, so rows
+    at different positions (prompts of different lengths) share one batch. Slots beyond a row's
+    position may hold anything (padding, an earlier generation): they are masked, and slot p is
+    written before anything reads it."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int, device, dtype):
-        shape = (batch, max_len, n_kv_heads, head_dim)
+        shape = (batch, n_kv_heads, max_len, head_dim)  # (B, H, L, D): SDPA's layout, no transpose
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.length = 0
-        self.max_len = max_len
+        self.rows = torch.arange(batch, device=device)[:, None]
+        self.slots = torch.arange(max_len, device=device)
+
+    def visible(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, L) boolean: slot j is visible to the token at position p when j <= p."""
+        return (self.slots <= positions[..., None]).unsqueeze(1)
+
+
+class CacheStep(NamedTuple):
+    """One forward through a KVCache: where each token stands (its slot) and the slots it sees."""
+
+    cache: KVCache
+    positions: torch.Tensor  # (B, T)
+    visible: torch.Tensor  # (B, 1, T, L), from KVCache.visible
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k, v (B, T, H_kv, D) at their positions' slots, then attend q (B, T, H, D) to the
+        visible slots: (B, H, T, D)."""
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        keys[self.cache.rows, :, self.positions] = k
+        values[self.cache.rows, :, self.positions] = v
+        return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.visible, enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -121,18 +148,12 @@ class Attention(nn.Module):
                 v.view(B, T, self.n_kv_heads, self.head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: DocLayout | None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: CacheStep | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            start = cache.length
-            cache.k[self.layer][:, start:start + T] = k
-            cache.v[self.layer][:, start:start + T] = v
-            k, v = cache.k[self.layer][:, :start + T], cache.v[self.layer][:, :start + T]
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=mask, enable_gqa=True)
+            y = cache.attend(self.layer, q, k, v)
         elif layout is not None and x.is_cuda:
             y = self.varlen_attention(q, k, v, layout).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         else:
@@ -233,24 +254,31 @@ class Transformer(nn.Module):
             h = self.head_proj(h)
         return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
 
-    def forward(self, idx: torch.Tensor, doc_lens: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids (B, T); doc_lens restarts positions and masks per document."""
+    def forward(self, idx: torch.Tensor, doc_lens: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T); doc_lens restarts positions and masks per document.
+        With a cache, `positions` (B, T) say where each token stands in its row (default 0..T-1,
+        a prefill), which is also its slot in the cache."""
+        return self.logits(self.hidden(idx, doc_lens, cache, positions))
+
+    def hidden(self, idx: torch.Tensor, doc_lens: torch.Tensor | None = None, cache: KVCache | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The last block's output (B, T, d), before the final norm and the head: generation takes
+        the head of one position per row only."""
         B, T = idx.shape
         layout = DocLayout(doc_lens, B, T) if doc_lens is not None else None
         if layout is not None:
             positions = layout.positions()
-        else:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        elif positions is None:
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+        step = CacheStep(cache, positions, cache.visible(positions)) if cache is not None else None
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.embed(idx)
         if self.embed_proj is not None:
             x = self.embed_proj(x)
         for block in self.blocks:
-            x = block(x, cos, sin, layout, cache)
-        if cache is not None:
-            cache.length += T
-        return self.logits(x)
+            x = block(x, cos, sin, layout, step)
+        return x
 
     def matmul_params(self) -> int:
         """Parameters that do matrix multiplies per token (for FLOPs): all but the input embedding."""

@@ -1,9 +1,19 @@
-"""`just sample`: generate French text from a checkpoint, streaming, with a KV cache.
+"""`just sample`: generate French text from a checkpoint, at GPU speed on a GPU.
 
-The prompt is prefilled once, then one token at a time reuses the cached keys and values. Runs on
-the CPU (fp32) or the GPU (bf16); a checkpoint trained in FP8 loads into plain torch modules.
-Reports tokens/s and, per sample, the mean token entropy and the repeated 4-gram rate
-(signals of degeneration).
+One prompt (`--prompt`) streams its continuation as it is generated. A file of prompts (`--prompts
+FILE`, one per line) is generated in batches of `--batch-size` and printed as JSON lines, one per
+prompt. Each row stops at its own `<|endoftext|>`. The report gives tokens/s (after the one-time
+compilation, whose seconds it also gives) and, per sample, the mean token entropy and the repeated
+4-gram rate (signals of degeneration).
+
+How, on a GPU (gpt-fast's recipe): the weights of every projection are cast to BF16 once at load
+(autocast then has nothing to re-cast on each call); the KV cache is allocated once for the batch;
+the prompts are prefilled in one forward; then every new token is one decode step of fixed shapes
+(the forward of the previous token, temperature, top-k, top-p and the draw) compiled and captured
+as a CUDA graph (`torch.compile(mode="reduce-overhead")`), drawing from a torch.Generator on the
+device. The host reads the sampled ids every few tokens only, to stream them and to see which
+rows have ended. On the CPU the same steps run eagerly in FP32. A checkpoint trained in FP8 loads
+its FP32 master weights into plain torch modules.
 """
 
 from __future__ import annotations
@@ -13,26 +23,43 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
 from pipeline import HelpFormatter, layout
 from pipeline.manifest import sha256_file
 from train import checkpoint
-from train.config import from_dict
+from train.config import ConfigError, TrainConfig, from_dict
 from train.model import KVCache, Transformer
 from train.precision import Precision
 
 
-@dataclass
+class SampleError(ValueError):
+    """Input generation cannot run with; the message says what to change."""
+
+
+@dataclass(frozen=True)
 class SampleSettings:
     max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 0.95
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 0.95  # 1: off
     seed: int = 0
+
+    def check(self) -> None:
+        """A SampleError for a setting without meaning, rather than silently doing something else."""
+        if self.max_new_tokens < 1:
+            raise SampleError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.temperature < math.inf:
+            raise SampleError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if self.top_k < 0:
+            raise SampleError(f"--top-k must be 0 (off) or positive, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise SampleError(f"--top-p must be above 0 and at most 1 (1: off), got {self.top_p}")
 
 
 @dataclass
@@ -44,32 +71,215 @@ class Generation:
     repeated_4gram_rate: float  # share of generated 4-grams that already occurred earlier in the sample
 
 
+@dataclass
+class Batch:
+    """What one `Decoder.generate` call produced, per prompt."""
+
+    tokens: list[list[int]]  # the new ids, without the end-of-text token
+    entropies: list[list[float]]  # nats, at each step that chose a kept token or the end-of-text token
+    seconds: float  # prefill and decoding, the host's last read included
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(map(len, self.tokens)) / max(self.seconds, 1e-9)
+
+
+def build_model(config: TrainConfig, vocab_size: int, device: torch.device,
+                weights: dict[str, torch.Tensor] | None = None) -> Transformer:
+    """A model for generation on `device`, as plain torch modules (FP8-trained projections too).
+
+    On a GPU the projections' weights become BF16 once, here: the forward runs under BF16 autocast
+    as in training, which re-cast every FP32 weight on every call; with BF16 weights it has nothing
+    to cast and computes the same GEMMs. Embeddings and norms stay FP32 as in training (a tied head
+    is the embedding, so it keeps being cast per call)."""
+    precision = Precision(config.precision, device, torch_modules_only=True)
+    model = Transformer(config.model, vocab_size, precision, max(stage.seq_len for stage in config.curriculum))
+    if weights is not None:
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise checkpoint.CheckpointError(f"the weights do not fit the model of their config "
+                                             f"({str(err).splitlines()[0][:150]})") from None
+    model.to(device).eval()
+    if device.type == "cuda":
+        cast_projections(model, torch.bfloat16)
+    return model
+
+
+def cast_projections(model: Transformer, dtype: torch.dtype) -> None:
+    """The weights of every projection in `dtype`, once: what autocast to `dtype` computes with."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.data = module.weight.data.to(dtype)
+
+
 def load_model(path: Path, device: torch.device) -> tuple[Transformer, checkpoint.Checkpoint]:
     """The model of any checkpoint (a run's best/ or step_N/ folder, or an earlier-format .pt file),
-    as plain torch modules: a checkpoint trained in FP8 loads its FP32 master weights."""
+    ready for generation (see build_model); CheckpointError when it cannot be read."""
     found = checkpoint.load(path)
-    config = from_dict(found.config)
-    precision = Precision(config.precision, device, torch_modules_only=True)
-    max_positions = max(stage.seq_len for stage in config.curriculum)
-    model = Transformer(config.model, found.vocab_size, precision, max_positions)
-    model.load_state_dict(found.weights)
-    model.to(device).eval()
-    return model, found
+    try:
+        config = from_dict(found.config)
+    except ConfigError as err:
+        raise checkpoint.CheckpointError(f"{found.path} holds a config this version cannot read: {err}") from None
+    return build_model(config, found.vocab_size, device, found.weights), found
 
 
-def choose(logits: torch.Tensor, settings: SampleSettings, generator: torch.Generator) -> int:
-    if settings.temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / settings.temperature
-    if settings.top_k > 0:
-        kth = torch.topk(logits, min(settings.top_k, logits.numel())).values[-1]
+def choose(logits: torch.Tensor, noise: torch.Tensor | None, temperature: float, top_k: int,
+           top_p: float) -> torch.Tensor:
+    """The next token of each row from FP32 logits (B, V): the argmax at temperature 0, else a draw
+    after temperature, top-k and top-p (the smallest set of tokens whose mass reaches top_p).
+
+    The draw is argmax(p / E) with E ~ Exp(1) drawn per token (`noise`, B x V): it picks token i
+    with probability p_i, like torch.multinomial, without a host sync."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
-    if 0 < settings.top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
+    if top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, -1)
-        outside = probs.cumsum(-1) - probs > settings.top_p  # keep the smallest set whose mass reaches p
-        logits = torch.full_like(logits, -math.inf).scatter(0, order, sorted_logits.masked_fill(outside, -math.inf))
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+        outside = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
+    return (torch.softmax(logits, -1) / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1)
+
+
+def next_tokens(logits: torch.Tensor, noise: torch.Tensor | None, vocab_size: int, temperature: float, top_k: int,
+                top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the chosen ids (B,), the entropy (B,) in nats of the model's own distribution) from the logits
+    (B, V) of the padded vocabulary: ids beyond the tokenizer's `vocab_size` are never chosen."""
+    logits = logits[:, :vocab_size].float()
+    log_probs = torch.log_softmax(logits, -1)
+    return choose(logits, noise, temperature, top_k, top_p), -(log_probs.exp() * log_probs).sum(-1)
+
+
+def decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                noise: torch.Tensor | None, vocab_size: int, temperature: float, top_k: int,
+                top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One new token per row: the forward of each row's last token (B, 1) at its position (B,),
+    then the choice. Shapes never change from step to step: what a CUDA graph can capture. Runs
+    under the caller's autocast, as the trainer's compiled forward does."""
+    logits = model(tokens, cache=cache, positions=positions[:, None])[:, -1]
+    return next_tokens(logits, noise, vocab_size, temperature, top_k, top_p)
+
+
+class Decoder:
+    """Generation for one model and batch size: the static KV cache, the buffers the decode step
+    reads, and the step itself (compiled on a GPU), kept from call to call so the CUDA graph is
+    captured once.
+
+    Prompts of different lengths share a batch right-padded, exactly: row b's prompt of n_b tokens
+    is prefilled at positions 0..n_b-1 (causal attention: no prompt token sees the padding after
+    it) and its first new token comes from position n_b-1. Each decode step then puts row b's
+    token at its own position n_b+s, in its own cache slot, seeing slots 0..n_b+s only; a padding
+    slot is overwritten by the row's own token before the row can see it. Each row thus computes
+    what it would alone. Rows that ended keep stepping (the shapes stay fixed) and are ignored;
+    a batch smaller than `batch_size` is filled with one-token dummy rows."""
+
+    def __init__(self, model: Transformer, batch_size: int, max_len: int | None = None, vocab_size: int | None = None,
+                 compile: bool | None = None):
+        """max_len: the cache's slots, at least the longest prompt plus the new tokens (default:
+        the model's context). vocab_size: the tokenizer's (default: the model's padded one).
+        compile: the decode step as a CUDA graph (default: on a GPU)."""
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.batch_size = batch_size
+        self.max_len = max_len or model.max_positions
+        if self.max_len > model.max_positions:
+            raise SampleError(f"a cache of {self.max_len} slots exceeds the model's context ({model.max_positions})")
+        self.vocab_size = vocab_size or model.vocab_size
+        cfg = model.cfg
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # what autocast hands k and v
+        self.cache = KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.d_model // cfg.n_heads, self.max_len,
+                             self.device, dtype)
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.noise = torch.empty(batch_size, self.vocab_size, device=self.device)
+        self.compiled = self.device.type == "cuda" if compile is None else compile
+        self.step = decode_step
+        if self.compiled:
+            for tensor in (*self.cache.k, *self.cache.v, self.cache.rows, self.cache.slots, self.tokens,
+                           self.positions, self.noise):
+                torch._dynamo.mark_static_address(tensor)  # read and written in place by the CUDA graph
+            self.step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        # The host reads the sampled ids every this many tokens: on a GPU each read waits for the
+        # device, on the CPU it costs nothing and streams token by token.
+        self.read_every = 8 if self.device.type == "cuda" else 1
+
+    def warm_up(self, settings: SampleSettings) -> float:
+        """Compile and capture the decode step for these settings before anything is timed; seconds."""
+        start = time.perf_counter()
+        self.generate([[0]], replace(settings, max_new_tokens=min(4, self.max_len - 1)))
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], settings: SampleSettings, eot_id: int | None = None,
+                 on_tokens: Callable[[list[list[int]]], None] | None = None) -> Batch:
+        """Continue each prompt (token ids; at most `batch_size` prompts) by settings.max_new_tokens
+        tokens, a row ending early at its first `eot_id` (None: never). `on_tokens(rows)` is called
+        with every row's ids so far each time the host reads them."""
+        settings.check()
+        count, longest, steps = len(prompts), max(map(len, prompts), default=0), settings.max_new_tokens
+        if not 1 <= count <= self.batch_size or min(map(len, prompts)) < 1:
+            raise SampleError(f"generate takes 1 to {self.batch_size} prompts of at least one token each")
+        if longest + steps > self.max_len:
+            raise SampleError(f"a prompt of {longest} tokens and {steps} new ones exceed the cache's {self.max_len} "
+                              "slots")
+        B, device = self.batch_size, self.device
+        rows = [p + [0] * (longest - len(p)) for p in prompts] + [[0] * longest] * (B - count)
+        lengths = torch.tensor([len(p) for p in prompts] + [1] * (B - count), device=device)
+        sampling = (self.vocab_size, settings.temperature, settings.top_k, settings.top_p)
+        noise = self.noise if settings.temperature > 0 else None
+        generator = torch.Generator(device).manual_seed(settings.seed)
+        out = torch.empty(B, steps, dtype=torch.long, device=device)
+        entropy = torch.empty(B, steps, device=device)
+        kept, ended = [[] for _ in prompts], [False] * count
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            hidden = self.model.hidden(torch.tensor(rows, device=device), cache=self.cache)
+            logits = self.model.logits(hidden[torch.arange(B, device=device), lengths - 1])
+            if noise is not None:
+                noise.exponential_(generator=generator)
+            out[:, 0], entropy[:, 0] = next_tokens(logits, noise, *sampling)
+            self.positions.copy_(lengths)
+            read, stop = 0, steps
+            for s in range(1, steps):
+                if s % self.read_every == 0:
+                    read = self.read(out, read, s, kept, ended, eot_id, on_tokens)
+                    if all(ended):
+                        stop = s
+                        break
+                self.tokens.copy_(out[:, s - 1:s])
+                if noise is not None:
+                    noise.exponential_(generator=generator)
+                if self.compiled:
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs were copied out
+                token, step_entropy = self.step(self.model, self.cache, self.tokens, self.positions, noise, *sampling)
+                out[:, s], entropy[:, s] = token, step_entropy
+                self.positions.add_(1)
+        self.read(out, read, stop, kept, ended, eot_id, on_tokens)
+        seconds = time.perf_counter() - start
+        entropies = [row[:len(ids) + done] for row, ids, done in zip(entropy[:count, :stop].tolist(), kept, ended)]
+        return Batch(kept, entropies, seconds)
+
+    @staticmethod
+    def read(out: torch.Tensor, start: int, stop: int, kept: list[list[int]], ended: list[bool], eot_id: int | None,
+             on_tokens: Callable[[list[list[int]]], None] | None) -> int:
+        """Bring the ids of steps start..stop to the host (a sync on a GPU), cut each row at its end."""
+        for row, ids in enumerate(out[:len(kept), start:stop].tolist()):
+            for token in ids:
+                if ended[row]:
+                    break
+                if token == eot_id:
+                    ended[row] = True
+                else:
+                    kept[row].append(token)
+        if on_tokens is not None:
+            on_tokens(kept)
+        return stop
 
 
 def repeated_4gram_rate(tokens: list[int]) -> float:
@@ -81,62 +291,61 @@ def repeated_4gram_rate(tokens: list[int]) -> float:
     return repeated / len(grams) if grams else 0.0
 
 
-@torch.no_grad()
-def generate(model: Transformer, prompt_ids: list[int], settings: SampleSettings, eot_id: int | None = None,
-             use_cache: bool = True, on_token=None) -> tuple[list[int], list[float], float]:
-    """Generated ids, the entropy at each step, and tokens/s. Without the cache every step reruns
-    the whole sequence (the reference the cache must match)."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-    limit = model.max_positions - len(prompt_ids)
-    if limit <= 0:
-        raise ValueError(f"the prompt ({len(prompt_ids)} tokens) fills the model's context ({model.max_positions})")
-    steps = min(settings.max_new_tokens, limit)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    ids = torch.tensor([prompt_ids], device=device)
-    cache = None
-    if use_cache:
-        head_dim = model.cfg.d_model // model.cfg.n_heads
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        cache = KVCache(model.cfg.n_layers, 1, model.cfg.n_kv_heads, head_dim, len(prompt_ids) + steps, device, dtype)
-    generated, entropies = [], []
-    start = time.perf_counter()
-    with autocast:
-        logits = model(ids, cache=cache)[0, -1].float()
-        for _ in range(steps):
-            log_probs = torch.log_softmax(logits, -1)
-            entropies.append(float(-(log_probs.exp() * log_probs).sum()))
-            token = choose(logits.cpu(), settings, generator)
-            if token == eot_id:
-                break
-            generated.append(token)
-            if on_token is not None:
-                on_token(generated)
-            if use_cache:
-                logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1].float()
-            else:
-                ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
-                logits = model(ids)[0, -1].float()
-    seconds = time.perf_counter() - start
-    return generated, entropies, len(generated) / max(seconds, 1e-9)
+def prompt_ids(tokenizer, prompt: str, eot_id: int) -> list[int]:
+    return [eot_id] + tokenizer.encode(prompt, add_special_tokens=False).ids  # documents start with EOT
 
 
-def sample_text(model, tokenizer, prompt: str, settings: SampleSettings, eot_id: int, stream=None) -> Generation:
-    prompt_ids = [eot_id] + tokenizer.encode(prompt, add_special_tokens=False).ids  # documents start with EOT
+def generation(tokenizer, tokens: list[int], entropies: list[float], tokens_per_s: float) -> Generation:
+    return Generation(tokens, tokenizer.decode(tokens), tokens_per_s, sum(entropies) / max(len(entropies), 1),
+                      repeated_4gram_rate(tokens))
+
+
+def sample_text(decoder: Decoder, tokenizer, prompt: str, settings: SampleSettings, eot_id: int,
+                stream=None) -> Generation:
+    """One prompt's continuation, written to `stream` as it is generated."""
     shown = [0]
 
-    def on_token(generated: list[int]) -> None:
-        text = tokenizer.decode(generated)
+    def on_tokens(rows: list[list[int]]) -> None:
+        text = tokenizer.decode(rows[0])
         if stream is not None and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             stream.write(text[shown[0]:])
             stream.flush()
             shown[0] = len(text)
 
-    tokens, entropies, rate = generate(model, prompt_ids, settings, eot_id, on_token=on_token)
-    text = tokenizer.decode(tokens)
+    batch = decoder.generate([prompt_ids(tokenizer, prompt, eot_id)], settings, eot_id, on_tokens)
+    result = generation(tokenizer, batch.tokens[0], batch.entropies[0], batch.tokens_per_s)
     if stream is not None:
-        stream.write(text[shown[0]:] + "\n")
-    return Generation(tokens, text, rate, sum(entropies) / max(len(entropies), 1), repeated_4gram_rate(tokens))
+        stream.write(result.text[shown[0]:] + "\n")
+    return result
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device as a torch device this machine has: cpu, cuda or cuda:N (default: cuda when available)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SampleError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SampleError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if (device.index or 0) >= count:
+            raise SampleError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def read_prompts(path: Path) -> list[str]:
+    try:
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise SampleError(f"--prompts {path} cannot be read ({err.__class__.__name__}: {err})") from None
+    if not prompts:
+        raise SampleError(f"--prompts {path} holds no prompt (one per line, blank lines skipped)")
+    return prompts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,41 +356,97 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="runs", help="where runs live")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer.json (default: DATA_DIR/tokenizer/tokenizer.json of the run's config)")
-    parser.add_argument("--prompt", default="La ville de", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
+    parser.add_argument("--prompt", default="La ville de", help="text to continue, streamed as it is generated")
+    parser.add_argument("--prompts", type=Path, default=None,
+                        help="a UTF-8 file of prompts, one per line (blank lines skipped), instead of --prompt: "
+                             "generated in batches, one JSON line per prompt")
+    parser.add_argument("--batch-size", type=int, default=64, help="prompts generated together with --prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=200,
+                        help="tokens to generate at most per prompt (capped, saying so, where the context ends)")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1: off)")
+    parser.add_argument("--top-p", type=float, default=0.95,
+                        help="nucleus sampling: keep the most likely tokens up to this mass, above 0 (1: off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the decode step and capture it as a CUDA graph: tens of seconds once, then "
+                             "far faster steps (default: on a GPU)")
     args = parser.parse_args(argv)
-    from tokenizers import Tokenizer
-
-    path = args.checkpoint or checkpoint.best(Path(args.out_dir) / args.run / "checkpoints")
-    if not path.exists():
-        print(f"error: sample: no checkpoint at {path}; train first (`just train --run {args.run}`) or pass "
-              f"--checkpoint", file=sys.stderr)
-        return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        model, found = load_model(path, device)
-    except checkpoint.CheckpointError as err:
+        return run(args)
+    except (SampleError, checkpoint.CheckpointError) as err:
         print(f"error: sample: {err}", file=sys.stderr)
         return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Everything is checked before the first line is printed."""
+    from tokenizers import Tokenizer
+
+    settings = SampleSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    settings.check()
+    if args.batch_size < 1:
+        raise SampleError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    texts = read_prompts(args.prompts) if args.prompts is not None else [args.prompt]
+    path = args.checkpoint or checkpoint.best(Path(args.out_dir) / args.run / "checkpoints")
+    if not path.exists():
+        raise SampleError(f"no checkpoint at {path}; train first (`just train --run {args.run}`) or pass --checkpoint")
+    model, found = load_model(path, device)
     tokenizer_path = args.tokenizer or layout.tokenizer_file(found.config["data"]["data_dir"])
     if not tokenizer_path.is_file():
-        print(f"error: sample: tokenizer {tokenizer_path} not found; pass --tokenizer", file=sys.stderr)
-        return 2
+        raise SampleError(f"tokenizer {tokenizer_path} not found; pass --tokenizer")
     if sha256_file(tokenizer_path) != found.tokenizer_sha256:
-        print(f"error: sample: {tokenizer_path} is not the tokenizer this checkpoint was trained with", file=sys.stderr)
-        return 2
+        raise SampleError(f"{tokenizer_path} is not the tokenizer this checkpoint was trained with")
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    settings = SampleSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    sys.stdout.write(args.prompt)
-    result = sample_text(model, tokenizer, args.prompt, settings, tokenizer.token_to_id("<|endoftext|>"), sys.stdout)
-    print(json.dumps({"tokens": len(result.tokens), "tokens_per_s": round(result.tokens_per_s, 1),
-                      "mean_entropy_nats": round(result.mean_entropy, 3),
-                      "repeated_4gram_rate": round(result.repeated_4gram_rate, 3)}))
+    eot_id = tokenizer.token_to_id("<|endoftext|>")
+    prompts = [prompt_ids(tokenizer, text, eot_id) for text in texts]
+    context = model.max_positions
+    for line, ids in enumerate(prompts, 1):
+        if len(ids) >= context:
+            where = f"line {line} of {args.prompts}" if args.prompts is not None else "the prompt"
+            raise SampleError(f"{where} is {len(ids)} tokens (with the leading <|endoftext|>), the model's context is "
+                              f"{context}: shorten it below {context}")
+    longest = max(map(len, prompts))
+    if longest + settings.max_new_tokens > context:
+        settings = replace(settings, max_new_tokens=context - longest)
+        print(f"note: sample: --max-new-tokens {args.max_new_tokens} capped at {settings.max_new_tokens}: the "
+              f"{'longest ' if len(prompts) > 1 else ''}prompt ({longest} tokens) and its continuation must fit the "
+              f"model's {context}-token context", file=sys.stderr)
+    decoder = Decoder(model, min(args.batch_size, len(prompts)), longest + settings.max_new_tokens,
+                      found.vocab_size, args.compile)
+    warm_up = None
+    if decoder.compiled:
+        print("sample: compiling the decode step into a CUDA graph (once per run)...", file=sys.stderr, flush=True)
+        warm_up = round(decoder.warm_up(settings), 1)
+    if args.prompts is None:
+        sys.stdout.write(texts[0])
+        result = sample_text(decoder, tokenizer, texts[0], settings, eot_id, sys.stdout)
+        report = {"tokens": len(result.tokens), "tokens_per_s": round(result.tokens_per_s, 1),
+                  "mean_entropy_nats": round(result.mean_entropy, 3),
+                  "repeated_4gram_rate": round(result.repeated_4gram_rate, 3)}
+    else:
+        results, seconds = [], 0.0
+        for first in range(0, len(prompts), decoder.batch_size):
+            batch = decoder.generate(prompts[first:first + decoder.batch_size],
+                                     replace(settings, seed=settings.seed + first), eot_id)
+            seconds += batch.seconds
+            for text, tokens, entropies in zip(texts[first:], batch.tokens, batch.entropies):
+                result = generation(tokenizer, tokens, entropies, batch.tokens_per_s)
+                results.append(result)
+                print(json.dumps({"prompt": text, "text": result.text, "tokens": len(tokens),
+                                  "mean_entropy_nats": round(result.mean_entropy, 3),
+                                  "repeated_4gram_rate": round(result.repeated_4gram_rate, 3)}, ensure_ascii=False),
+                      flush=True)
+        total = sum(len(r.tokens) for r in results)
+        report = {"prompts": len(results), "batch_size": decoder.batch_size, "tokens": total,
+                  "tokens_per_s": round(total / max(seconds, 1e-9), 1),
+                  "mean_entropy_nats": round(sum(r.mean_entropy for r in results) / len(results), 3),
+                  "repeated_4gram_rate": round(sum(r.repeated_4gram_rate for r in results) / len(results), 3)}
+    if warm_up is not None:
+        report["compile_s"] = warm_up
+    print(json.dumps(report))
     return 0
 
 
