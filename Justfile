@@ -37,6 +37,10 @@ sample *args:
 export *args:
     {{python}} -m train.export "$@"
 
+# bits per byte on any text (--text, --parquet), or lm-evaluation-harness tasks (--tasks)
+eval *args:
+    {{python}} -m train.evaluation "$@"
+
 # the whole pipeline on an embedded corpus: no download, no GPU, separate demo/ folder
 demo *args:
     {{python}} -m benchmarks.demo "$@"
