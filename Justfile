@@ -33,6 +33,14 @@ train *args:
 sample *args:
     {{python}} -m train.sample "$@"
 
+# a checkpoint as a Hugging Face Llama folder with its tokenizer and model card: just export --run NAME
+export *args:
+    {{python}} -m train.export "$@"
+
+# bits per byte on any text (--text, --parquet), or lm-evaluation-harness tasks (--tasks)
+eval *args:
+    {{python}} -m train.evaluation "$@"
+
 # the whole pipeline on an embedded corpus: no download, no GPU, separate demo/ folder
 demo *args:
     {{python}} -m benchmarks.demo "$@"

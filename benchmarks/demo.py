@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sample again: just sample --out-dir {shlex.quote(str(runs))} --run tiny --prompt {shlex.quote(prompt)}")
     print(f"artifacts: corpus {root / 'frwiki_demo.jsonl'}, data {data}, manifests {manifests}, "
           f"run {runs / 'tiny'} (metrics.jsonl, tensorboard/, checkpoints/)")
+    print(f"export it for transformers: just export --run tiny --out-dir {runs}")
     print(f"wall time {summary['wall_seconds']:.0f} s")
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if final["val_bpb"] >= 0.9 * baseline:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pipeline import layout
 from pipeline.errors import StageError
 from pipeline.manifest import StageRun, atomic_path, pack_manifest_name, tokens_info, verify_input
-from pipeline.packed import check_seq_len
+from pipeline.packed import best_fit_decreasing, check_seq_len, cut_documents
 
 COPY_CHUNK_TOKENS = 1 << 24
 
@@ -44,49 +44,6 @@ def parse_seq_lens(text: str) -> list[int]:
         except ValueError as err:
             raise StageError(f"--seq-len: {err}") from None
     return sorted(set(lengths))
-
-
-def cut_documents(doc_starts: np.ndarray, doc_tokens: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Pieces (start, length) in document order: documents longer than a row cut into row-sized pieces."""
-    n_pieces = -(-doc_tokens // row_len)
-    piece_doc = np.repeat(np.arange(doc_tokens.size), n_pieces)
-    piece_rank = np.arange(piece_doc.size) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
-    starts = doc_starts[piece_doc] + piece_rank * row_len
-    lengths = np.minimum(row_len, doc_tokens[piece_doc] - piece_rank * row_len)
-    return starts, lengths, int((n_pieces > 1).sum())
-
-
-def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Assign each item to a bin of `capacity`: largest first, each into the bin with the least room
-    that still fits it. Returns (bin of each item, offset of each item in its bin, number of bins)."""
-    order = np.argsort(-lengths, kind="stable")
-    item_bin = np.empty(lengths.size, dtype=np.int64)
-    item_offset = np.empty(lengths.size, dtype=np.int64)
-    full = lengths[order] == capacity  # whole rows need no search
-    n_full = int(full.sum())
-    item_bin[order[:n_full]] = np.arange(n_full)
-    item_offset[order[:n_full]] = 0
-    bins_with_room: list[list[int]] = [[] for _ in range(capacity + 1)]  # room -> bins (stack)
-    has_room = np.zeros(capacity + 1, dtype=bool)
-    used = [0] * n_full
-    for item in order[n_full:].tolist():
-        size = int(lengths[item])
-        room = size + int(has_room[size:].argmax())
-        if has_room[room]:
-            bin_id = bins_with_room[room].pop()
-            if not bins_with_room[room]:
-                has_room[room] = False
-        else:
-            bin_id, room = len(used), capacity
-            used.append(0)
-        item_bin[item] = bin_id
-        item_offset[item] = used[bin_id]
-        used[bin_id] += size
-        left = room - size
-        if left:
-            bins_with_room[left].append(bin_id)
-            has_room[left] = True
-    return item_bin, item_offset, len(used)
 
 
 def pack_split(tokens: np.memmap, index: np.ndarray, seq_len: int, pad_id: int, out_files: dict[str, Path],

@@ -5,6 +5,10 @@
 row, in order, padding excluded; `{split}.row_offsets.npy` (int64, rows + 1) indexes it per row.
 The manifest `manifests/pack-seqN.json` records dtype, shape, pad id and sizes; a file that does not
 match it (truncated, tampered) is refused.
+
+Where documents land in rows (`cut_documents`, `best_fit_decreasing`) is part of the format: the
+pack stage places them with these, and `just eval` packs a user's text with the same ones, so
+its bits per byte are counted on the rows training would have built.
 """
 
 from __future__ import annotations
@@ -33,6 +37,49 @@ def check_seq_len(seq_len: int) -> None:
     if seq_len % SEQ_LEN_MULTIPLE or not MIN_SEQ_LEN <= seq_len <= MAX_SEQ_LEN:
         raise ValueError(f"sequence length {seq_len} must be a multiple of {SEQ_LEN_MULTIPLE} from {MIN_SEQ_LEN} "
                          f"to {MAX_SEQ_LEN}")
+
+
+def cut_documents(doc_starts: np.ndarray, doc_tokens: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pieces (start, length) in document order: documents longer than a row cut into row-sized pieces."""
+    n_pieces = -(-doc_tokens // row_len)
+    piece_doc = np.repeat(np.arange(doc_tokens.size), n_pieces)
+    piece_rank = np.arange(piece_doc.size) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
+    starts = doc_starts[piece_doc] + piece_rank * row_len
+    lengths = np.minimum(row_len, doc_tokens[piece_doc] - piece_rank * row_len)
+    return starts, lengths, int((n_pieces > 1).sum())
+
+
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Assign each item to a bin of `capacity`: largest first, each into the bin with the least room
+    that still fits it. Returns (bin of each item, offset of each item in its bin, number of bins)."""
+    order = np.argsort(-lengths, kind="stable")
+    item_bin = np.empty(lengths.size, dtype=np.int64)
+    item_offset = np.empty(lengths.size, dtype=np.int64)
+    full = lengths[order] == capacity  # whole rows need no search
+    n_full = int(full.sum())
+    item_bin[order[:n_full]] = np.arange(n_full)
+    item_offset[order[:n_full]] = 0
+    bins_with_room: list[list[int]] = [[] for _ in range(capacity + 1)]  # room -> bins (stack)
+    has_room = np.zeros(capacity + 1, dtype=bool)
+    used = [0] * n_full
+    for item in order[n_full:].tolist():
+        size = int(lengths[item])
+        room = size + int(has_room[size:].argmax())
+        if has_room[room]:
+            bin_id = bins_with_room[room].pop()
+            if not bins_with_room[room]:
+                has_room[room] = False
+        else:
+            bin_id, room = len(used), capacity
+            used.append(0)
+        item_bin[item] = bin_id
+        item_offset[item] = used[bin_id]
+        used[bin_id] += size
+        left = room - size
+        if left:
+            bins_with_room[left].append(bin_id)
+            has_room[left] = True
+    return item_bin, item_offset, len(used)
 
 
 @dataclass

@@ -41,13 +41,15 @@ def paragraph(value: str, **extra) -> dict:
     return {"type": "paragraph", "value": value, **extra}
 
 
-def build_packed_corpus(root: Path, corpus_bytes: int, seed: int, vocab_size: int, seq_lens: str) -> Path:
-    """Real packed data from the whole pipeline on a generated corpus (plain BPE, for speed)."""
+def build_packed_corpus(root: Path, corpus_bytes: int, seed: int, vocab_size: int, seq_lens: str,
+                        *tokenize_args: str) -> Path:
+    """Real packed data from the whole pipeline on a generated corpus (plain BPE, for speed);
+    `tokenize_args` go to the tokenize stage (e.g. a larger --val-fraction)."""
     from benchmarks.synthetic_corpus import write_corpus
 
     write_corpus(root / "in.jsonl", corpus_bytes, seed=seed)
     common = ("--data-dir", root / "data", "--manifests", root / "manifests")
     assert run_stage("extract-paragraphs", "--input", root / "in.jsonl", *common) == 0
-    assert run_stage("tokenize", "--plain-bpe", "--vocab-size", str(vocab_size), *common) == 0
+    assert run_stage("tokenize", "--plain-bpe", "--vocab-size", str(vocab_size), *common, *tokenize_args) == 0
     assert run_stage("pack", "--seq-len", seq_lens, *common) == 0
     return root

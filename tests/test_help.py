@@ -14,6 +14,7 @@ COMMANDS = [("pipeline.cli", [stage]) for stage in STAGES] + [
     *[(f"benchmarks.{name}", []) for name in ("bench_extract", "bench_tokenize", "bench_pack", "bench_loader",
                                               "bench_train", "bench_scaling", "bench_linear", "bench_sample", "demo",
                                               "synthetic_corpus")],
+    ("train.export", []), ("train.evaluation", []),
 ]
 
 
