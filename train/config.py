@@ -105,7 +105,7 @@ class RunConfig:
     eval_every: int = 500  # optimizer steps between validations (and at every stage end): 262M tokens at 524,288
     eval_rows: int = 0  # validation rows per evaluation (0: the whole val split; fewer for quick runs)
     checkpoint_every: int = 1000  # optimizer steps between checkpoints (and at every stage end): every other eval
-    keep_last: int = 3  # checkpoints kept besides the best
+    keep_last: int = 3  # checkpoints kept besides the best (0: keep every one)
     max_bad_steps: int = 5  # consecutive NaN/Inf steps (each skipped) that stop the run: a spike passes, a streak not
     # torch.compile the model and loss on a GPU (TE projections stay eager, compiled around): FP8 small at
     # micro-batch 32 went from 347k to 476k tokens/s (docs/benchmarks.md).
@@ -220,7 +220,32 @@ def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# The range of every numeric key, checked where a config is built (file, --set, resume): a value out of
+# range is refused with its key rather than failing deep in the run (a division by zero, a loader
+# thread dying on a negative seed, an optimizer raising at step 1).
+POSITIVE, NON_NEGATIVE, FRACTION, BELOW_ONE = "> 0", ">= 0", "in [0, 1]", "in [0, 1)"
+IN_RANGE = {POSITIVE: lambda v: v > 0, NON_NEGATIVE: lambda v: v >= 0, FRACTION: lambda v: 0 <= v <= 1,
+            BELOW_ONE: lambda v: 0 <= v < 1}
+RANGES = {
+    "model": {"d_model": POSITIVE, "n_layers": POSITIVE, "n_heads": POSITIVE, "n_kv_heads": POSITIVE,
+              "ffn_dim": POSITIVE, "embed_rank": NON_NEGATIVE, "rope_theta": POSITIVE, "norm_eps": POSITIVE,
+              "init_std": POSITIVE},
+    "precision": {"amax_history": POSITIVE},
+    "optim": {"lr": NON_NEGATIVE, "min_lr_ratio": FRACTION, "weight_decay": NON_NEGATIVE, "beta1": BELOW_ONE,
+              "beta2": BELOW_ONE, "eps": POSITIVE, "grad_clip": NON_NEGATIVE, "warmup_tokens": NON_NEGATIVE,
+              "decay_fraction": FRACTION, "tokens_per_step": POSITIVE},
+    "data": {"seed": NON_NEGATIVE},
+    "run": {"log_every": POSITIVE, "eval_every": POSITIVE, "eval_rows": NON_NEGATIVE, "checkpoint_every": POSITIVE,
+            "keep_last": NON_NEGATIVE, "max_bad_steps": POSITIVE, "seed": NON_NEGATIVE},
+}
+
+
 def validate(config: TrainConfig) -> None:
+    for section, keys in RANGES.items():
+        values = getattr(config, section)
+        for key, wanted in keys.items():
+            if not IN_RANGE[wanted](getattr(values, key)):
+                raise ConfigError(f"{section}.{key} must be {wanted}, got {getattr(values, key)!r}")
     m, p, o = config.model, config.precision, config.optim
     if m.n_heads % m.n_kv_heads or m.d_model % m.n_heads:
         raise ConfigError(f"model: n_heads ({m.n_heads}) must be a multiple of n_kv_heads ({m.n_kv_heads}) and "
@@ -255,7 +280,15 @@ def apply_settings(config: TrainConfig, settings: list[str]) -> TrainConfig:
             value = text.strip()  # a bare word is a string
         target = raw
         for key in keys[:-1]:
-            target = target[int(key)] if isinstance(target, list) else target.setdefault(key, {})
+            if isinstance(target, list):
+                if not key.isdigit() or int(key) >= len(target):
+                    raise ConfigError(f"--set {setting!r}: the curriculum has stages 0 to {len(target) - 1}; "
+                                      f"a stage is added in the config file, not with --set")
+                target = target[int(key)]
+            elif isinstance(target, dict):
+                target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {setting!r}: {'.'.join(keys[:-1])} is not a table of keys")
         target[keys[-1]] = value
     return from_dict(raw)
 
@@ -270,3 +303,4 @@ def apply_overrides(config: TrainConfig, precision: str | None = None, recipe: s
         config.run.name = run_name
     validate(config)
     return config
+
