@@ -102,7 +102,9 @@ class RunConfig:
     name: str = "run"  # run directory: out_dir/NAME; each preset names its own
     out_dir: str = "runs"  # parent of the run directories
     log_every: int = 10  # optimizer steps between metric lines; each one syncs the loss to the host
-    eval_every: int = 500  # optimizer steps between validations (and at every stage end): 262M tokens at 524,288
+    # Optimizer steps between validations (and at every stage end): 262M tokens at 524,288. An evaluated
+    # step also writes a metrics line, so evaluations never wait for log_every.
+    eval_every: int = 500
     eval_rows: int = 0  # validation rows per evaluation (0: the whole val split; fewer for quick runs)
     checkpoint_every: int = 1000  # optimizer steps between checkpoints (and at every stage end): every other eval
     keep_last: int = 3  # checkpoints kept besides the best (0: keep every one)

@@ -446,12 +446,12 @@ class Trainer:
         return self.stop_at_step is not None and self.step >= self.stop_at_step
 
     def should_log(self, step: int, stage_end: int) -> bool:
-        """A metrics line (one host sync of the loss) every log_every steps and at each stage's end."""
-        return step % self.config.run.log_every == 0 or step == stage_end
+        """A metrics line (one host sync of the loss) every log_every steps, at each stage's end, and at
+        each evaluation, whose results join it."""
+        return step % self.config.run.log_every == 0 or self.should_eval(step, stage_end)
 
     def should_eval(self, step: int, stage_end: int) -> bool:
-        """Validation every eval_every steps and at each stage's end; it joins that step's metrics line,
-        so it happens only where should_log is true too."""
+        """Validation every eval_every steps and at each stage's end, whatever log_every is."""
         return step % self.config.run.eval_every == 0 or step == stage_end
 
     def should_checkpoint(self, step: int, stage_end: int) -> bool:
