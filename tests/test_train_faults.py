@@ -85,6 +85,77 @@ def train_main_cli(*argv: str) -> int:
     return main(list(argv))
 
 
+def test_a_negative_data_seed_is_refused_before_any_thread_starts(packed, tmp_path):
+    result = train_child(packed, write_config(tmp_path / "c.toml"), "--run", "seed", "--set", "data.seed=-1")
+    assert result.returncode == 2
+    one_line_error(result.stderr, "data.seed must be >= 0, got -1")
+    assert not (packed / "runs/seed").exists()
+
+
+@pytest.mark.parametrize("where", ["offsets", "header"])
+def test_row_offsets_damaged_in_place_are_refused_at_start(packed, tmp_path, where):
+    """Same size, so the manifest's byte count passes and data.verify is off: the offsets themselves
+    are checked when the pack opens."""
+    import numpy as np
+
+    copy = copy_corpus(packed, tmp_path / "copy")
+    offsets = copy / "data/packed/seq32/train.row_offsets.npy"
+    size = offsets.stat().st_size
+    if where == "header":
+        data = bytearray(offsets.read_bytes())
+        data[10:74] = b"\xff" * 64
+        offsets.write_bytes(bytes(data))
+    else:  # every offset still in range, in the wrong order: rows of negative length
+        np.save(offsets, np.random.default_rng(0).permutation(np.load(offsets)))
+    assert offsets.stat().st_size == size
+    result = train_child(copy, write_config(tmp_path / "c.toml"), "--run", "offsets")
+    assert result.returncode == 2
+    one_line_error(result.stderr, str(offsets), "just pack --seq-len 32 --force")
+
+
+def test_a_dying_loader_thread_ends_the_run_with_one_line(packed, tmp_path):
+    prelude = ("import train.trainer, train.loader as loader\n"
+               "real, calls = loader.make_batch, []\n"
+               "def failing(*args, **kwargs):\n"
+               "    calls.append(1)\n"
+               "    if len(calls) > 3:\n"
+               "        raise IndexError('index 123456 is out of bounds for axis 0 with size 99')\n"
+               "    return real(*args, **kwargs)\n"
+               "loader.make_batch = failing\n")
+    result = train_child(packed, write_config(tmp_path / "c.toml"), "--run", "dying-loader", prelude=prelude)
+    assert result.returncode == 2
+    one_line_error(result.stderr, "preparing a batch of seq32 failed", "IndexError: index 123456 is out of bounds")
+
+
+def test_the_loader_raises_its_threads_error_in_the_consumer(packed, monkeypatch):
+    import threading
+
+    from pipeline.packed import PackedSplit
+    from train import loader as loader_module
+
+    def failing(*args, **kwargs):
+        raise ValueError("bad rows")
+
+    monkeypatch.setattr(loader_module, "make_batch", failing)
+    split = PackedSplit.open(packed / "data", 32, "train", packed / "manifests")
+    loader = loader_module.PackedLoader(split, batch_rows=8)
+    raised = []
+
+    def consume():
+        for _ in range(2):  # the second call raises the same, it does not wait on the dead thread
+            try:
+                next(loader)
+            except loader_module.LoaderError as err:
+                raised.append(err)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(timeout=30)
+    loader.close()
+    assert not consumer.is_alive(), "next() waits forever on a dead loader thread"
+    assert len(raised) == 2 and "ValueError: bad rows" in str(raised[0])
+
+
 @pytest.fixture
 def stopped_run(packed, tmp_path):
     """A run stopped after 2 of its 4 steps; its name."""
