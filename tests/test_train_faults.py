@@ -165,6 +165,16 @@ def stopped_run(packed, tmp_path):
     return name
 
 
+def test_packs_of_a_replaced_tokenizer_are_refused(packed, tmp_path, capsys):
+    copy = copy_corpus(packed, tmp_path / "copy")
+    common = ("--data-dir", copy / "data", "--manifests", copy / "manifests")
+    assert run_stage("tokenize", "--plain-bpe", "--vocab-size", "320", "--force", *common) == 0
+    capsys.readouterr()
+    assert train(copy, write_config(tmp_path / "c.toml"), "--run", "stale") == 2
+    one_line_error(capsys.readouterr().err, "another tokenizer than the current `tokenize` output",
+                   f"just pack --seq-len 32,64 --data-dir {copy / 'data'}")
+
+
 def no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

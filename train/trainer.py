@@ -31,6 +31,7 @@ from train.config import ConfigError, TrainConfig
 from train.flops import peak_bf16_flops
 from train.loader import IGNORE_INDEX, Batch, PackedLoader, make_batch
 from train.model import Transformer, cross_entropy
+from pipeline.manifest import tokens_info
 from pipeline.packed import PackedDataError, PackedDataMissing, PackedSplit, check_seq_len
 from train.precision import Precision
 
@@ -112,6 +113,16 @@ def stage_steps(config: TrainConfig, max_steps: int | None) -> list[int]:
     return scaled
 
 
+def pack_command(lengths: list[int], data_dir: Path, manifests: Path) -> str:
+    """The `just pack` command line that makes these lengths where this run reads them."""
+    command = f"just pack --seq-len {','.join(str(n) for n in sorted(set(lengths)))}"
+    if str(data_dir) != "data":
+        command += f" --data-dir {data_dir}"
+    if str(manifests) != "manifests":
+        command += f" --manifests {manifests}"
+    return f"`{command}`"
+
+
 def plan_stages(config: TrainConfig, world_size: int, max_steps: int | None, verify: bool = False) -> list[Stage]:
     """Check every pack the curriculum needs before step 1; derive gradient accumulation per stage."""
     data_dir, manifests = Path(config.data.data_dir), Path(config.data.manifests)
@@ -127,12 +138,13 @@ def plan_stages(config: TrainConfig, world_size: int, max_steps: int | None, ver
         except PackedDataMissing:
             missing.append(stage.seq_len)
     if missing:
-        lengths = ",".join(str(n) for n in sorted(set(missing)))
-        raise PackedDataError(f"the curriculum needs packed data that is missing for length(s) {lengths}; run "
-                              f"`just pack --seq-len {lengths}`" + (f" --data-dir {data_dir}" if str(data_dir) != "data" else ""))
-    fingerprints = {s[0].tokenizer_sha256 for s in splits.values()}
-    if len(fingerprints) > 1:
-        raise PackedDataError("the packs were made from different tokenizers; rerun `just pack` for every length")
+        raise PackedDataError(f"the curriculum needs packed data that is missing; run "
+                              f"{pack_command(missing, data_dir, manifests)}")
+    current = tokens_info(manifests).tokenizer_sha256
+    stale = [n for n, (train, _) in splits.items() if train.tokenizer_sha256 != current]
+    if stale:
+        raise PackedDataError(f"packed data made with another tokenizer than the current `tokenize` output "
+                              f"({manifests / 'tokenize.json'}); run {pack_command(stale, data_dir, manifests)}")
     tokens_per_step = config.optim.tokens_per_step
     stages, first = [], 0
     for index, (stage, steps) in enumerate(zip(config.curriculum, stage_steps(config, max_steps))):
