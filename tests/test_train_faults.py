@@ -85,6 +85,9 @@ def train_main_cli(*argv: str) -> int:
     return main(list(argv))
 
 
+# ------------------------------------------------------------------------------- the loader thread
+
+
 def test_a_negative_data_seed_is_refused_before_any_thread_starts(packed, tmp_path):
     result = train_child(packed, write_config(tmp_path / "c.toml"), "--run", "seed", "--set", "data.seed=-1")
     assert result.returncode == 2
@@ -156,6 +159,19 @@ def test_the_loader_raises_its_threads_error_in_the_consumer(packed, monkeypatch
     assert len(raised) == 2 and "ValueError: bad rows" in str(raised[0])
 
 
+# ---------------------------------------------------------------------------------------- resume
+
+
+def test_resume_continues_the_run_as_it_was_started(packed, tmp_path):
+    """Not configs/small.toml (the default --config) and not the whole curriculum: the run's own config
+    and its --max-steps, with the same data flags, without being told again."""
+    config = write_config(tmp_path / "c.toml", steps=(4, 4))
+    assert train(packed, config, "--run", "as-started-straight", "--max-steps", "4") == 0
+    assert train(packed, config, "--run", "as-started", "--max-steps", "4", "--stop-at-step", "2") == 0
+    assert resume(packed, "as-started") == 0
+    assert losses(packed, "as-started") == losses(packed, "as-started-straight")  # 4 steps, bit-identical
+
+
 @pytest.fixture
 def stopped_run(packed, tmp_path):
     """A run stopped after 2 of its 4 steps; its name."""
@@ -163,6 +179,58 @@ def stopped_run(packed, tmp_path):
     config = write_config(tmp_path / "c.toml", steps=(4, 4))
     assert train(packed, config, "--run", name, "--max-steps", "4", "--stop-at-step", "2") == 0
     return name
+
+
+@pytest.mark.parametrize("flags, change", [
+    (["--set", "optim.lr=0.5"], "optim.lr 0.01 -> 0.5"),
+    (["--precision", "bf16"], "precision.mode 'fp32' -> 'bf16'"),
+    (["--set", "curriculum.0.micro_batch=4"], "curriculum.0.micro_batch 8 -> 4"),
+    (["--config", "{shape}"], "model.d_model 32 -> 64"),
+], ids=["lr", "precision", "micro-batch", "model-shape"])
+def test_resume_refuses_a_change_of_the_run(packed, tmp_path, stopped_run, capsys, flags, change):
+    other = write_config(tmp_path / "shape.toml", steps=(4, 4))
+    other.write_text(other.read_text().replace("d_model = 32", "d_model = 64"))
+    flags = [flag.format(shape=other) for flag in flags]
+    before = (packed / "runs" / stopped_run / "metrics.jsonl").read_text()
+    assert resume(packed, stopped_run, *flags) == 2
+    one_line_error(capsys.readouterr().err, "--resume continues the run as configured", change)
+    assert (packed / "runs" / stopped_run / "metrics.jsonl").read_text() == before
+
+
+def test_resume_may_extend_the_budget_and_says_what_it_does_to_the_schedule(packed, tmp_path, capsys):
+    from train.trainer import learning_rate
+
+    config = write_config(tmp_path / "c.toml", steps=(4, 4))
+    assert train(packed, config, "--run", "extended", "--max-steps", "4") == 0
+    capsys.readouterr()
+    assert resume(packed, "extended", "--max-steps", "6", "--set", "run.log_every=2") == 0
+    out = capsys.readouterr().out
+    assert "resume: run.log_every 1 -> 2" in out
+    assert "the step budget goes from 4 to 6 steps; the learning-rate schedule follows the new total" in out
+    lines = metrics_lines(packed, "extended")
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 6]  # every step, then every other one
+    saved = load(config)
+    assert lines[-1]["lr"] == pytest.approx(learning_rate(saved, 5, 6))
+    run = packed / "runs/extended"
+    assert json.loads((run / "run.json").read_text()) == {"max_steps": 6, "total_steps": 6}
+    assert json.loads((run / "config.resolved.json").read_text())["run"]["log_every"] == 2
+    assert resume(packed, "extended") == 0  # the extended budget is the run's own now
+    assert "the run is complete at step 6 of 6" in capsys.readouterr().out
+
+
+def test_resume_of_a_run_that_does_not_exist_creates_nothing(packed, capsys):
+    assert resume(packed, "ghost") == 2
+    one_line_error(capsys.readouterr().err, "there is no run", "start it without --resume")
+    assert not (packed / "runs/ghost").exists()
+
+
+def test_a_checkpoint_of_another_shape_than_the_runs_config_is_one_line(packed, stopped_run, capsys):
+    resolved = packed / "runs" / stopped_run / "config.resolved.json"
+    raw = json.loads(resolved.read_text())
+    raw["model"]["d_model"] = 64
+    resolved.write_text(json.dumps(raw))
+    assert resume(packed, stopped_run) == 2
+    one_line_error(capsys.readouterr().err, "holds another model than the run's config (d_model 32 vs 64)")
 
 
 def test_packs_of_a_replaced_tokenizer_are_refused(packed, tmp_path, capsys):
@@ -173,6 +241,36 @@ def test_packs_of_a_replaced_tokenizer_are_refused(packed, tmp_path, capsys):
     assert train(copy, write_config(tmp_path / "c.toml"), "--run", "stale") == 2
     one_line_error(capsys.readouterr().err, "another tokenizer than the current `tokenize` output",
                    f"just pack --seq-len 32,64 --data-dir {copy / 'data'}")
+
+
+def test_a_second_trainer_on_a_live_run_is_refused(packed, stopped_run, capsys):
+    run = packed / "runs" / stopped_run
+    code = ("import sys, time\nfrom pipeline.locks import exclusive\n"
+            "with exclusive(sys.argv[1], 'run'):\n    print('held', flush=True)\n    time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = (run / "metrics.jsonl").read_text()
+        assert resume(packed, stopped_run) == 2
+        one_line_error(capsys.readouterr().err, f"is in use by another process (pid {holder.pid})")
+        assert (run / "metrics.jsonl").read_text() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert resume(packed, stopped_run) == 0  # a dead holder's lock is gone with it
+    assert [m["step"] for m in metrics_lines(packed, stopped_run)] == [1, 2, 3, 4]
+
+
+def test_a_metrics_line_cut_short_is_dropped_on_resume(packed, stopped_run, capsys):
+    metrics = packed / "runs" / stopped_run / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "stage": 1, "seq_len": 64, "tok')  # killed mid-append
+    assert resume(packed, stopped_run) == 0
+    assert "dropped line(s) 3 (not whole JSON records" in capsys.readouterr().out
+    assert [m["step"] for m in metrics_lines(packed, stopped_run)] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------ write errors
 
 
 def no_space(*args, **kwargs):
@@ -190,6 +288,83 @@ def failing_on_call(n: int, real, error: Exception):
         return real(*args, **kwargs)
 
     return wrapper
+
+
+@pytest.mark.parametrize("layer", ["weights", "train_state"])
+def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(packed, tmp_path, monkeypatch, capsys,
+                                                                        layer):
+    """What each library raises when its write fails: safetensors its own error, torch.save a RuntimeError."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    if layer == "weights":
+        error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        monkeypatch.setattr(safetensors.torch, "save_file", failing_on_call(2, safetensors.torch.save_file, error))
+    else:
+        error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        monkeypatch.setattr(torch, "save", failing_on_call(2, torch.save, error))
+    config = write_config(tmp_path / "c.toml", steps=(4, 4), checkpoint_every=2)
+    assert train(packed, config, "--run", f"full-{layer}") == 2
+    checkpoints = packed / "runs" / f"full-{layer}" / "checkpoints"
+    one_line_error(capsys.readouterr().err, f"cannot write checkpoint step 4 in {checkpoints}",
+                   f"the last checkpoint, {checkpoints / 'step_0000002'}, is intact")
+    assert [p.name for p in checkpoints.iterdir()] == ["step_0000002"]  # no half-written folder
+    monkeypatch.undo()
+    assert resume(packed, f"full-{layer}") == 0
+    assert [m["step"] for m in metrics_lines(packed, f"full-{layer}")] == list(range(1, 9))
+
+
+def test_a_full_disk_while_appending_metrics_is_one_line(packed, tmp_path, monkeypatch, capsys):
+    from train import trainer as trainer_module
+
+    appends = []
+
+    def open_metrics(path, *args, **kwargs):
+        appends.append(Path(path).name == "metrics.jsonl")
+        if sum(appends) == 4:
+            no_space()
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "open", open_metrics, raising=False)
+    config = write_config(tmp_path / "c.toml", steps=(4, 4), checkpoint_every=2)
+    assert train(packed, config, "--run", "full-metrics") == 2
+    one_line_error(capsys.readouterr().err, "metrics.jsonl: No space left on device", "step_0000002, is intact")
+
+
+def test_a_full_disk_under_tensorboard_is_one_line(packed, tmp_path, monkeypatch, capsys):
+    """TensorBoard writes from its own thread: its error reaches the run, its thread's traceback is not printed."""
+    from tensorboard.summary.writer import record_writer
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", no_space)
+    assert train(packed, write_config(tmp_path / "c.toml"), "--run", "full-tensorboard") == 2
+    err = capsys.readouterr().err
+    one_line_error(err, "tensorboard: No space left on device", "no checkpoint was written yet")
+    assert "Exception in thread" not in err
+    assert not (packed / "runs/full-tensorboard").exists()
+
+
+def test_an_out_dir_that_cannot_be_created_is_one_line(packed, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "runs"
+    assert train_main_cli("--config", str(write_config(tmp_path / "c.toml")), "--data-dir", str(packed / "data"),
+                          "--manifests", str(packed / "manifests"), "--out-dir", str(out), "--device", "cpu") == 2
+    one_line_error(capsys.readouterr().err, f"cannot write {out}")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the injected errors cover it")
+def test_a_read_only_out_dir_is_one_line(packed, tmp_path, capsys):
+    out = tmp_path / "readonly"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        assert train_main_cli("--config", str(write_config(tmp_path / "c.toml")), "--data-dir", str(packed / "data"),
+                              "--manifests", str(packed / "manifests"), "--out-dir", str(out), "--device", "cpu") == 2
+    finally:
+        out.chmod(0o700)
+    one_line_error(capsys.readouterr().err, "Permission denied")
+
+
+# ------------------------------------------------------------------------------ values out of range
 
 
 @pytest.mark.parametrize("section, key, value, wanted", [
@@ -235,6 +410,29 @@ def test_a_set_outside_the_config_is_one_line(setting, message):
         apply_settings(load("configs/tiny.toml"), [setting])
 
 
+@pytest.mark.parametrize("key", ["log_every", "eval_every", "checkpoint_every"])
+def test_a_bad_config_leaves_no_run_directory(packed, tmp_path, capsys, key):
+    assert train(packed, write_config(tmp_path / "c.toml"), "--run", "zero", "--set", f"run.{key}=0") == 2
+    one_line_error(capsys.readouterr().err, f"run.{key} must be > 0")
+    assert not (packed / "runs/zero").exists()
+
+
+@pytest.mark.parametrize("device, message", [("gpu0", "--device gpu0: expected cpu, cuda or cuda:N"),
+                                             ("cuda", "--device cuda: no CUDA GPU is available here"),
+                                             ("cuda:1", "--device cuda:1: no CUDA GPU is available here")])
+def test_a_device_that_is_not_there_is_one_line(packed, tmp_path, monkeypatch, capsys, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = write_config(tmp_path / "c.toml")
+    assert train_main_cli("--config", str(config), "--data-dir", str(packed / "data"), "--manifests",
+                          str(packed / "manifests"), "--out-dir", str(packed / "runs"), "--run", "device",
+                          "--device", device) == 2
+    one_line_error(capsys.readouterr().err, message)
+    assert not (packed / "runs/device").exists()
+
+
+# ----------------------------------------------------------------------- bad steps, early failures
+
+
 def poison_steps(monkeypatch, first: int, last: int = 10**9) -> None:
     """Steps first..last (1-based) get a non-finite gradient norm, so they are skipped."""
     real_clip, calls = torch.nn.utils.clip_grad_norm_, []
@@ -245,3 +443,59 @@ def poison_steps(monkeypatch, first: int, last: int = 10**9) -> None:
         return norm * math.nan if first <= len(calls) <= last else norm
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+
+
+def test_a_skipped_step_is_written_as_null_not_nan(packed, tmp_path, monkeypatch):
+    poison_steps(monkeypatch, 2, 2)
+    assert train(packed, write_config(tmp_path / "c.toml", steps=(2, 1)), "--run", "null-step") == 0
+    lines = metrics_lines(packed, "null-step")  # strict JSON: a bare NaN fails here
+    assert [(m["loss"] is None, m["grad_norm"] is None, m["skipped_steps"]) for m in lines] == [
+        (False, False, 0), (True, True, 1), (False, False, 1)]
+
+
+@pytest.mark.parametrize("first_bad, named", [(3, "the last checkpoint, {checkpoints}/step_0000002, is intact"),
+                                              (1, "no checkpoint was written yet")])
+def test_too_many_bad_steps_name_a_checkpoint_that_exists(packed, tmp_path, monkeypatch, capsys, first_bad, named):
+    poison_steps(monkeypatch, first_bad)
+    run = f"bad-from-{first_bad}"
+    config = write_config(tmp_path / "c.toml", steps=(4, 4), checkpoint_every=2, max_bad_steps=2)
+    assert train(packed, config, "--run", run) == 2
+    checkpoints = packed / "runs" / run / "checkpoints"
+    one_line_error(capsys.readouterr().err, "2 non-finite steps in a row", named.format(checkpoints=checkpoints))
+    assert (checkpoints / "step_0000002").is_dir() if first_bad == 3 else not checkpoints.parent.exists()
+
+
+def test_out_of_memory_at_step_one_leaves_no_run_directory(packed, tmp_path, monkeypatch, capsys):
+    from train.model import Transformer
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Transformer, "forward", out_of_memory)
+    config = write_config(tmp_path / "c.toml", steps=(2, 2))
+    assert train(packed, config, "--run", "oom") == 2
+    one_line_error(capsys.readouterr().err, "CUDA out of memory at stage 0", "lower curriculum[0].micro_batch")
+    assert not (packed / "runs/oom").exists()
+    monkeypatch.undo()
+    assert train(packed, config, "--run", "oom") == 0  # the corrected rerun, without --force
+
+
+def test_sigterm_stops_a_single_process_run_like_ctrl_c(packed, tmp_path):
+    config = write_config(tmp_path / "c.toml", steps=(400, 400), checkpoint_every=2)
+    child = subprocess.Popen(child_command(packed, config, "--run", "sigterm"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    checkpoints = packed / "runs/sigterm/checkpoints"
+    try:
+        deadline = time.monotonic() + CHILD_TIMEOUT
+        while not checkpoint.all_steps(checkpoints) and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.2)
+        assert checkpoint.all_steps(checkpoints), "no checkpoint before the deadline"
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 143
+    line = one_line_error(stderr, "error: train: interrupted; the last checkpoint, ")
+    named = Path(line.split("the last checkpoint, ")[1].split(", is intact")[0])
+    assert checkpoint.load(named, with_train_state=True).step >= 2

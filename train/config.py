@@ -306,3 +306,33 @@ def apply_overrides(config: TrainConfig, precision: str | None = None, recipe: s
     validate(config)
     return config
 
+
+# What `--resume` may change of a run, the rest being the run itself (its config.resolved.json): where
+# its data is read from (the checkpoint's tokenizer is still checked against the packs) and the
+# bookkeeping around the steps, which never changes what a step computes.
+RESUME_ADJUSTABLE = frozenset({"data.data_dir", "data.manifests", "data.verify", "run.log_every", "run.eval_every",
+                               "run.eval_rows", "run.checkpoint_every", "run.keep_last", "run.max_bad_steps"})
+RUN_LOCATION = frozenset({"run.name", "run.out_dir"})  # where the run is found: never a change of it
+
+
+def flatten(raw: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys: optim.lr, precision.map.q, curriculum.0.seq_len."""
+    if isinstance(raw, list):
+        raw = dict(enumerate(raw))
+    if not isinstance(raw, dict):
+        return {prefix[:-1]: raw}
+    return {k: v for key, value in raw.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+
+
+def resume_changes(saved: TrainConfig, requested: TrainConfig, where: Path) -> list[str]:
+    """What `requested` changes of the run configured as `saved` (read from `where`), as "key old -> new";
+    ConfigError when any change is not in RESUME_ADJUSTABLE."""
+    old, new = flatten(saved.to_dict()), flatten(requested.to_dict())
+    changed = sorted(k for k in old.keys() | new.keys() if k not in RUN_LOCATION and old.get(k) != new.get(k))
+    described = {k: f"{k} {old.get(k, 'unset')!r} -> {new.get(k, 'unset')!r}" for k in changed}
+    refused = [described[k] for k in changed if k not in RESUME_ADJUSTABLE]
+    if refused:
+        raise ConfigError(f"--resume continues the run as configured in {where}, and this command changes "
+                          f"{', '.join(refused)}; drop the flags (or --config) that change it, or start a new run "
+                          f"with another --run NAME (`just train --help` says what a resume may change)")
+    return list(described.values())
