@@ -125,9 +125,24 @@ class PackedSplit:
         split_info = info.splits[split]
         rows = np.memmap(files["tokens"], dtype=np.dtype(info.dtype), mode="r",
                          shape=(split_info["rows"], seq_len + 1))
-        return cls(seq_len=seq_len, rows=rows, doc_lens=np.load(files["doc_lens"], mmap_mode="r"),
-                   row_offsets=np.load(files["row_offsets"]), pad_id=info.pad_id, eot_id=info.eot_id,
-                   vocab_size=info.vocab_size, utf8_bytes=split_info["utf8_bytes"],
+        arrays = {}
+        for name, mmap_mode in (("doc_lens", "r"), ("row_offsets", None)):
+            try:
+                arrays[name] = np.load(files[name], mmap_mode=mmap_mode)
+            except (ValueError, OSError, EOFError) as err:
+                raise PackedDataError(f"{files[name]} is not a readable .npy array ({err}); "
+                                      f"run `{make} --force`") from None
+        doc_lens, row_offsets = arrays["doc_lens"], arrays["row_offsets"]
+        # The index every batch goes through, checked whole (one pass over rows + 1 integers): damage
+        # here would otherwise surface mid-run, in the loader's thread.
+        if not (row_offsets.shape == (rows.shape[0] + 1,) and np.issubdtype(row_offsets.dtype, np.integer)
+                and row_offsets[0] == 0 and row_offsets[-1] == doc_lens.shape[0]
+                and bool(np.all(np.diff(row_offsets) >= 0))):
+            raise PackedDataError(f"{files['row_offsets']} is damaged (its {rows.shape[0] + 1:,} offsets must rise "
+                                  f"from 0 to the {doc_lens.shape[0]:,} entries of {files['doc_lens'].name}); "
+                                  f"run `{make} --force`")
+        return cls(seq_len=seq_len, rows=rows, doc_lens=doc_lens, row_offsets=row_offsets, pad_id=info.pad_id,
+                   eot_id=info.eot_id, vocab_size=info.vocab_size, utf8_bytes=split_info["utf8_bytes"],
                    documents=split_info["documents"], tokenizer_sha256=info.tokenizer_sha256)
 
     def row_doc_lens(self, row: int) -> np.ndarray:

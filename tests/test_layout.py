@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# What `train/` may read of `pipeline/`: the data layout, manifests, the packed format, the error type.
-PIPELINE_CONTRACT = {"pipeline", "pipeline.layout", "pipeline.manifest", "pipeline.packed", "pipeline.errors"}
+# What `train/` may read of `pipeline/`: the data layout, manifests, the packed format, the error type,
+# and the directory lock (one writer per output folder: a stage's, a training run's).
+PIPELINE_CONTRACT = {"pipeline", "pipeline.layout", "pipeline.manifest", "pipeline.packed", "pipeline.errors",
+                     "pipeline.locks"}
 
 
 def imported_modules(path: Path) -> set[str]:

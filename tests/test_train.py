@@ -396,7 +396,8 @@ def make_trainer(packed, run_dir, steps=(5, 4), stop_at_step=None, **run):
 
 def test_when_the_loop_logs_evaluates_and_checkpoints(packed, tmp_path, capsys):
     """Stages of 5 and 4 steps, stopped after step 7: the decisions step by step, then what a run does
-    with them (evaluation only on logged steps, so not at 3; a checkpoint at the stop, for --resume)."""
+    with them (an evaluation at 3 although log_every is 2: it writes its own metrics line; a checkpoint at
+    the stop, for --resume)."""
     trainer = make_trainer(packed, tmp_path / "run", stop_at_step=7, log_every=2, eval_every=3, checkpoint_every=4,
                            keep_last=10)
     stage_end = {step: 5 if step <= 5 else 9 for step in range(1, 10)}
@@ -404,7 +405,7 @@ def test_when_the_loop_logs_evaluates_and_checkpoints(packed, tmp_path, capsys):
     def firing(decision):
         return [step for step, end in stage_end.items() if decision(step, end)]
 
-    assert firing(trainer.should_log) == [2, 4, 5, 6, 8, 9]
+    assert firing(trainer.should_log) == [2, 3, 4, 5, 6, 8, 9]
     assert firing(trainer.should_eval) == [3, 5, 6, 9]
     assert firing(trainer.should_checkpoint) == [4, 5, 7, 8, 9]
 
@@ -413,8 +414,8 @@ def test_when_the_loop_logs_evaluates_and_checkpoints(packed, tmp_path, capsys):
     trainer.run()
     assert hooked == [1, 2, 3, 4, 5, 6, 7]
     lines = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [2, 4, 5, 6]
-    assert [m["step"] for m in lines if "val_loss" in m] == [5, 6]
+    assert [m["step"] for m in lines] == [2, 3, 4, 5, 6]
+    assert [m["step"] for m in lines if "val_loss" in m] == [3, 5, 6]
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == [
         "best", "step_0000004", "step_0000005", "step_0000007"]
     assert "MFU not reported" in capsys.readouterr().out and all(m["mfu"] == 0.0 for m in lines)

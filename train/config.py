@@ -102,10 +102,12 @@ class RunConfig:
     name: str = "run"  # run directory: out_dir/NAME; each preset names its own
     out_dir: str = "runs"  # parent of the run directories
     log_every: int = 10  # optimizer steps between metric lines; each one syncs the loss to the host
-    eval_every: int = 500  # optimizer steps between validations (and at every stage end): 262M tokens at 524,288
+    # Optimizer steps between validations (and at every stage end): 262M tokens at 524,288. An evaluated
+    # step also writes a metrics line, so evaluations never wait for log_every.
+    eval_every: int = 500
     eval_rows: int = 0  # validation rows per evaluation (0: the whole val split; fewer for quick runs)
     checkpoint_every: int = 1000  # optimizer steps between checkpoints (and at every stage end): every other eval
-    keep_last: int = 3  # checkpoints kept besides the best
+    keep_last: int = 3  # checkpoints kept besides the best (0: keep every one)
     max_bad_steps: int = 5  # consecutive NaN/Inf steps (each skipped) that stop the run: a spike passes, a streak not
     # torch.compile the model and loss on a GPU (TE projections stay eager, compiled around): FP8 small at
     # micro-batch 32 went from 347k to 476k tokens/s (docs/benchmarks.md).
@@ -220,7 +222,32 @@ def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# The range of every numeric key, checked where a config is built (file, --set, resume): a value out of
+# range is refused with its key rather than failing deep in the run (a division by zero, a loader
+# thread dying on a negative seed, an optimizer raising at step 1).
+POSITIVE, NON_NEGATIVE, FRACTION, BELOW_ONE = "> 0", ">= 0", "in [0, 1]", "in [0, 1)"
+IN_RANGE = {POSITIVE: lambda v: v > 0, NON_NEGATIVE: lambda v: v >= 0, FRACTION: lambda v: 0 <= v <= 1,
+            BELOW_ONE: lambda v: 0 <= v < 1}
+RANGES = {
+    "model": {"d_model": POSITIVE, "n_layers": POSITIVE, "n_heads": POSITIVE, "n_kv_heads": POSITIVE,
+              "ffn_dim": POSITIVE, "embed_rank": NON_NEGATIVE, "rope_theta": POSITIVE, "norm_eps": POSITIVE,
+              "init_std": POSITIVE},
+    "precision": {"amax_history": POSITIVE},
+    "optim": {"lr": NON_NEGATIVE, "min_lr_ratio": FRACTION, "weight_decay": NON_NEGATIVE, "beta1": BELOW_ONE,
+              "beta2": BELOW_ONE, "eps": POSITIVE, "grad_clip": NON_NEGATIVE, "warmup_tokens": NON_NEGATIVE,
+              "decay_fraction": FRACTION, "tokens_per_step": POSITIVE},
+    "data": {"seed": NON_NEGATIVE},
+    "run": {"log_every": POSITIVE, "eval_every": POSITIVE, "eval_rows": NON_NEGATIVE, "checkpoint_every": POSITIVE,
+            "keep_last": NON_NEGATIVE, "max_bad_steps": POSITIVE, "seed": NON_NEGATIVE},
+}
+
+
 def validate(config: TrainConfig) -> None:
+    for section, keys in RANGES.items():
+        values = getattr(config, section)
+        for key, wanted in keys.items():
+            if not IN_RANGE[wanted](getattr(values, key)):
+                raise ConfigError(f"{section}.{key} must be {wanted}, got {getattr(values, key)!r}")
     m, p, o = config.model, config.precision, config.optim
     if m.n_heads % m.n_kv_heads or m.d_model % m.n_heads:
         raise ConfigError(f"model: n_heads ({m.n_heads}) must be a multiple of n_kv_heads ({m.n_kv_heads}) and "
@@ -255,7 +282,15 @@ def apply_settings(config: TrainConfig, settings: list[str]) -> TrainConfig:
             value = text.strip()  # a bare word is a string
         target = raw
         for key in keys[:-1]:
-            target = target[int(key)] if isinstance(target, list) else target.setdefault(key, {})
+            if isinstance(target, list):
+                if not key.isdigit() or int(key) >= len(target):
+                    raise ConfigError(f"--set {setting!r}: the curriculum has stages 0 to {len(target) - 1}; "
+                                      f"a stage is added in the config file, not with --set")
+                target = target[int(key)]
+            elif isinstance(target, dict):
+                target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {setting!r}: {'.'.join(keys[:-1])} is not a table of keys")
         target[keys[-1]] = value
     return from_dict(raw)
 
@@ -270,3 +305,34 @@ def apply_overrides(config: TrainConfig, precision: str | None = None, recipe: s
         config.run.name = run_name
     validate(config)
     return config
+
+
+# What `--resume` may change of a run, the rest being the run itself (its config.resolved.json): where
+# its data is read from (the checkpoint's tokenizer is still checked against the packs) and the
+# bookkeeping around the steps, which never changes what a step computes.
+RESUME_ADJUSTABLE = frozenset({"data.data_dir", "data.manifests", "data.verify", "run.log_every", "run.eval_every",
+                               "run.eval_rows", "run.checkpoint_every", "run.keep_last", "run.max_bad_steps"})
+RUN_LOCATION = frozenset({"run.name", "run.out_dir"})  # where the run is found: never a change of it
+
+
+def flatten(raw: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys: optim.lr, precision.map.q, curriculum.0.seq_len."""
+    if isinstance(raw, list):
+        raw = dict(enumerate(raw))
+    if not isinstance(raw, dict):
+        return {prefix[:-1]: raw}
+    return {k: v for key, value in raw.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+
+
+def resume_changes(saved: TrainConfig, requested: TrainConfig, where: Path) -> list[str]:
+    """What `requested` changes of the run configured as `saved` (read from `where`), as "key old -> new";
+    ConfigError when any change is not in RESUME_ADJUSTABLE."""
+    old, new = flatten(saved.to_dict()), flatten(requested.to_dict())
+    changed = sorted(k for k in old.keys() | new.keys() if k not in RUN_LOCATION and old.get(k) != new.get(k))
+    described = {k: f"{k} {old.get(k, 'unset')!r} -> {new.get(k, 'unset')!r}" for k in changed}
+    refused = [described[k] for k in changed if k not in RESUME_ADJUSTABLE]
+    if refused:
+        raise ConfigError(f"--resume continues the run as configured in {where}, and this command changes "
+                          f"{', '.join(refused)}; drop the flags (or --config) that change it, or start a new run "
+                          f"with another --run NAME (`just train --help` says what a resume may change)")
+    return list(described.values())

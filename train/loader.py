@@ -4,7 +4,8 @@ The row order of epoch e is a permutation seeded by `seed + e`. A global batch i
 consecutive entries of that order; rank r of W takes entries r, r + W, ... (disjoint strided
 slices). The loader's whole state is `position`: the number of rows the job has consumed, which a
 checkpoint stores and a resume restores exactly. A background thread prepares the next batches in
-pinned host memory so the copy to the GPU is asynchronous.
+pinned host memory so the copy to the GPU is asynchronous; an error there is handed to the consumer,
+which raises it, instead of leaving it waiting on an empty queue.
 """
 
 from __future__ import annotations
@@ -16,9 +17,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.packed import PackedSplit
+from pipeline.packed import PackedDataError, PackedSplit
 
 IGNORE_INDEX = -100
+
+
+class LoaderError(PackedDataError):
+    """The background thread could not prepare a batch; raised by the consumer, with the cause."""
+
+
+@dataclass
+class _Failed:
+    """What the background thread queues instead of a batch when preparing one raised."""
+    error: BaseException
+    position: int
 
 
 @dataclass
@@ -93,6 +105,7 @@ class PackedLoader:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._cached_epoch: tuple[int, np.ndarray] | None = None
+        self._failed: _Failed | None = None
 
     def rows_at(self, position: int) -> np.ndarray:
         """This rank's row ids of the global batch starting at `position`."""
@@ -108,15 +121,21 @@ class PackedLoader:
     def _produce(self, start: int) -> None:
         position = start
         pin = self.device.type == "cuda"
+        try:
+            while self._put(make_batch(self.split, self.rows_at(position), pin)):
+                position += self.batch_rows
+        except BaseException as err:  # the consumer raises it: a dead thread must not leave it waiting
+            self._put(_Failed(err, position))
+
+    def _put(self, item: Batch | _Failed) -> bool:
+        """Queue `item` unless the loader is closed first (False)."""
         while not self._stop.is_set():
-            batch = make_batch(self.split, self.rows_at(position), pin)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(batch, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            position += self.batch_rows
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __iter__(self) -> "PackedLoader":
         return self
@@ -125,7 +144,13 @@ class PackedLoader:
         if self._thread is None:
             self._thread = threading.Thread(target=self._produce, args=(self.position,), daemon=True)
             self._thread.start()
-        batch = self._queue.get()
+        batch = self._failed or self._queue.get()
+        if isinstance(batch, _Failed):
+            self._failed = batch  # the thread is gone: every later call raises the same
+            cause = f"{type(batch.error).__name__}: {' '.join(str(batch.error).split())}"
+            raise LoaderError(f"preparing a batch of seq{self.split.seq_len} failed at row position {batch.position} "
+                              f"({cause}); check the pack with --set data.verify=true, or rerun `just pack --seq-len "
+                              f"{self.split.seq_len} --force`") from batch.error
         self.position += self.batch_rows
         return batch.to(self.device)
 

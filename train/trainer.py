@@ -9,6 +9,10 @@ The loop reads like torchtitan's trainer: `train_step` takes exactly one optimiz
 else; when to log, evaluate and checkpoint are one-line decisions beside it (`should_log`,
 `should_eval`, `should_checkpoint`); anything else that watches the steps (the profiler) is an
 after-step hook.
+
+What a run writes beside its checkpoints, `config.resolved.json` and `run.json` (the step budget,
+which the learning-rate schedule is a function of), is what `--resume` continues. A failed write
+(disk full, read-only folder) stops the run with one line; checkpoints already written stay intact.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import contextlib
 import json
 import math
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,16 +32,67 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from train import checkpoint
-from train.config import ConfigError, TrainConfig
+from train.config import ConfigError, TrainConfig, flatten, from_dict
 from train.flops import peak_bf16_flops
 from train.loader import IGNORE_INDEX, Batch, PackedLoader, make_batch
 from train.model import Transformer, cross_entropy
+from pipeline.manifest import atomic_path, tokens_info, write_json_atomic
 from pipeline.packed import PackedDataError, PackedDataMissing, PackedSplit, check_seq_len
 from train.precision import Precision
+
+RUN_CONFIG, RUN_BUDGET, METRICS = "config.resolved.json", "run.json", "metrics.jsonl"
 
 
 class TrainError(Exception):
     """The run cannot go on; the message says why and what to change."""
+
+
+def checkpoint_note(checkpoints: Path) -> str:
+    """Where a stopped run stands, for its last line: the checkpoint --resume would continue from."""
+    last = checkpoint.latest(checkpoints)
+    if last is None:
+        return "no checkpoint was written yet, so there is nothing to resume: start the run again"
+    return f"the last checkpoint, {last}, is intact: --resume continues from it"
+
+
+@contextlib.contextmanager
+def writing(what: Path | str, checkpoints: Path, *errors: type[Exception]) -> Iterator[None]:
+    """A failed write of `what` (disk full, read-only folder; OSError and `errors`, what libraries
+    writing files raise instead) as TrainError, naming the checkpoint to resume from."""
+    try:
+        yield
+    except (OSError, *errors) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())[:200]
+        raise TrainError(f"cannot write {what}: {reason}; {checkpoint_note(checkpoints)}") from None
+
+
+def write_run_files(run_dir: Path, config: TrainConfig, max_steps: int | None, total_steps: int) -> None:
+    """What --resume continues: the resolved config, and the step budget the lr schedule depends on."""
+    write_json_atomic(run_dir / RUN_CONFIG, config.to_dict())
+    write_json_atomic(run_dir / RUN_BUDGET, {"max_steps": max_steps, "total_steps": total_steps})
+
+
+def read_run_files(run_dir: Path) -> tuple[TrainConfig, dict | None]:
+    """The run's config and step budget (None for a run started before run.json was written)."""
+    found = {}
+    for name in (RUN_CONFIG, RUN_BUDGET):
+        try:
+            found[name] = json.loads((run_dir / name).read_text())
+        except FileNotFoundError:
+            found[name] = None
+        except (OSError, ValueError) as err:
+            raise TrainError(f"{run_dir / name} cannot be read ({err}); the run cannot be resumed") from None
+    if found[RUN_CONFIG] is None:
+        raise TrainError(f"{run_dir} holds no {RUN_CONFIG}: not a run that can be resumed")
+    try:
+        config = from_dict(found[RUN_CONFIG])
+    except ConfigError as err:
+        raise TrainError(f"{run_dir / RUN_CONFIG}: {err}") from None
+    budget = found[RUN_BUDGET]
+    if budget is not None and not (isinstance(budget, dict) and isinstance(budget.get("total_steps"), int)
+                                   and (budget.get("max_steps") is None or isinstance(budget["max_steps"], int))):
+        raise TrainError(f"{run_dir / RUN_BUDGET} is damaged (max_steps and total_steps expected)")
+    return config, budget
 
 
 @dataclass
@@ -112,6 +168,16 @@ def stage_steps(config: TrainConfig, max_steps: int | None) -> list[int]:
     return scaled
 
 
+def pack_command(lengths: list[int], data_dir: Path, manifests: Path) -> str:
+    """The `just pack` command line that makes these lengths where this run reads them."""
+    command = f"just pack --seq-len {','.join(str(n) for n in sorted(set(lengths)))}"
+    if str(data_dir) != "data":
+        command += f" --data-dir {data_dir}"
+    if str(manifests) != "manifests":
+        command += f" --manifests {manifests}"
+    return f"`{command}`"
+
+
 def plan_stages(config: TrainConfig, world_size: int, max_steps: int | None, verify: bool = False) -> list[Stage]:
     """Check every pack the curriculum needs before step 1; derive gradient accumulation per stage."""
     data_dir, manifests = Path(config.data.data_dir), Path(config.data.manifests)
@@ -127,12 +193,13 @@ def plan_stages(config: TrainConfig, world_size: int, max_steps: int | None, ver
         except PackedDataMissing:
             missing.append(stage.seq_len)
     if missing:
-        lengths = ",".join(str(n) for n in sorted(set(missing)))
-        raise PackedDataError(f"the curriculum needs packed data that is missing for length(s) {lengths}; run "
-                              f"`just pack --seq-len {lengths}`" + (f" --data-dir {data_dir}" if str(data_dir) != "data" else ""))
-    fingerprints = {s[0].tokenizer_sha256 for s in splits.values()}
-    if len(fingerprints) > 1:
-        raise PackedDataError("the packs were made from different tokenizers; rerun `just pack` for every length")
+        raise PackedDataError(f"the curriculum needs packed data that is missing; run "
+                              f"{pack_command(missing, data_dir, manifests)}")
+    current = tokens_info(manifests).tokenizer_sha256
+    stale = [n for n, (train, _) in splits.items() if train.tokenizer_sha256 != current]
+    if stale:
+        raise PackedDataError(f"packed data made with another tokenizer than the current `tokenize` output "
+                              f"({manifests / 'tokenize.json'}); run {pack_command(stale, data_dir, manifests)}")
     tokens_per_step = config.optim.tokens_per_step
     stages, first = [], 0
     for index, (stage, steps) in enumerate(zip(config.curriculum, stage_steps(config, max_steps))):
@@ -215,8 +282,9 @@ class Trainer:
                  resume: bool = False, stop_at_step: int | None = None, dist_info: Distributed | None = None,
                  profile_steps: int = 0):
         self.config, self.run_dir, self.device = config, run_dir, device
+        self.checkpoints = run_dir / "checkpoints"
         self.dist = dist_info or Distributed()
-        self.stop_at_step = stop_at_step
+        self.stop_at_step, self.max_steps = stop_at_step, max_steps
         self.stages = plan_stages(config, self.dist.world_size, max_steps, verify=config.data.verify)
         self.total_steps = sum(s.steps for s in self.stages)
         self.profiler = self.make_profiler(profile_steps)
@@ -243,13 +311,29 @@ class Trainer:
             if self.profiler is not None and self.step >= self.profiler.first_step:
                 raise ConfigError(f"--profile-steps: the run resumes at step {self.step}, past the first profiled "
                                   f"step {self.profiler.first_step + 1}; profile fewer steps")
+        if stop_at_step is not None and stop_at_step <= self.step:
+            raise ConfigError(f"--stop-at-step {stop_at_step}: the run is at step {self.step} already; name a later "
+                              f"step")
         self.compiled = config.run.compile and device.type == "cuda"
         self.forward_model = self.wrap_model()
         # Compiled, the loss's FP32 upcast, log-softmax and their backward fuse into a few kernels
         # reading the BF16 logits: no FP32 copy of the logits is written (it grows with the vocabulary).
         self.loss_fn = torch.compile(cross_entropy) if self.compiled else cross_entropy
 
+    def budget_change(self, planned_steps: int) -> str:
+        """What a resume's new step budget does, in a line: the schedule is a function of the total, so
+        from the resumed step on the lr follows the new total's curve. ConfigError when the new budget
+        leaves nothing to train."""
+        if self.step >= self.total_steps:
+            raise ConfigError(f"--max-steps {self.max_steps}: the run is at step {self.step} already, past the new "
+                              f"budget of {self.total_steps} steps")
+        before, after = (learning_rate(self.config, self.step, total) for total in (planned_steps, self.total_steps))
+        return (f"resume: the step budget goes from {planned_steps} to {self.total_steps} steps; the learning-rate "
+                f"schedule follows the new total from step {self.step + 1} on (lr there {before:.3g} -> {after:.3g})")
+
     def make_profiler(self, steps: int):
+        if steps < 0:
+            raise ConfigError(f"--profile-steps {steps}: give a number of steps, or 0 for no profile")
         if not steps:
             return None
         if self.device.type != "cuda":
@@ -291,20 +375,32 @@ class Trainer:
 
     def save(self, is_best: bool = False) -> None:
         if self.dist.is_main:
+            from safetensors import SafetensorError
+
             meta = {"vocab_size": self.vocab_size, "tokenizer_sha256": self.tokenizer_sha256,
                     "config": self.config.to_dict()}
-            checkpoint.save(self.run_dir / "checkpoints", self.step, self.model.state_dict(), meta, self.train_state(),
-                            self.config.run.keep_last, is_best)
+            # safetensors raises its own error type on a failed write, torch.save a RuntimeError; either
+            # leaves no step folder (checkpoint.save writes it under a temporary name).
+            with writing(f"checkpoint step {self.step} in {self.checkpoints}", self.checkpoints, SafetensorError,
+                         RuntimeError):
+                checkpoint.save(self.checkpoints, self.step, self.model.state_dict(), meta, self.train_state(),
+                                self.config.run.keep_last, is_best)
 
     def load_latest(self) -> None:
         try:
-            found = checkpoint.latest_intact(self.run_dir / "checkpoints", self.log_line)
+            found = checkpoint.latest_intact(self.checkpoints, self.log_line)
         except checkpoint.CheckpointError as err:
             raise TrainError(f"--resume: {err}") from None
         if found is None:
-            raise TrainError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+            raise TrainError(f"--resume: no checkpoint in {self.checkpoints}; start the run again with --force")
         if found.tokenizer_sha256 != self.tokenizer_sha256:
             raise TrainError(f"{found.path} was trained with another tokenizer than the current packs; refusing to mix")
+        mine, saved = flatten(self.config.to_dict()["model"]), flatten(found.config.get("model", {}))
+        differ = [f"{key} {saved[key]!r} vs {mine[key]!r}" for key in sorted(saved)
+                  if saved[key] != mine.get(key, saved[key])]
+        if differ:
+            raise TrainError(f"{found.path} holds another model than the run's config ({', '.join(differ)}); "
+                             f"resume with the config the run was trained with")
         state = found.train_state
         self.model.load_state_dict({**found.weights, **state["extra_state"]})
         self.optimizer.load_state_dict(state["optimizer"])
@@ -312,10 +408,30 @@ class Trainer:
         self.bad_steps, self.skipped_steps, self.best_val = state["bad_steps"], state["skipped_steps"], state["best_val"]
         checkpoint.restore_rng(state["rng"])
         self.log_line(f"resumed from {found.path} at step {self.step}")
-        metrics = self.run_dir / "metrics.jsonl"
-        if metrics.exists() and self.dist.is_main:  # drop lines of the interrupted run past the checkpoint
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            metrics.write_text("".join(line + "\n" for line in kept))
+        if self.dist.is_main:
+            self.trim_metrics()
+
+    def trim_metrics(self) -> None:
+        """Drop the metrics lines past the resumed checkpoint, and any line that is not a whole record
+        (a run killed while appending leaves its last line cut short), saying so."""
+        metrics = self.run_dir / METRICS
+        if not metrics.exists():
+            return
+        kept, damaged = [], []
+        for number, line in enumerate(metrics.read_text(errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                damaged.append(number)
+            elif record["step"] <= self.step:
+                kept.append(line)
+        if damaged:
+            self.log_line(f"{metrics}: dropped line(s) {', '.join(map(str, damaged[:5]))} (not whole JSON records: "
+                          f"a run killed while writing them)")
+        with writing(metrics, self.checkpoints), atomic_path(metrics) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
     # ---------------------------------------------------------------------------------------- running
 
@@ -335,27 +451,54 @@ class Trainer:
         for stage in self.stages:
             self.log_line(f"stage {stage.index}: seq {stage.seq_len}, micro-batch {stage.micro_batch}, "
                           f"grad accum {stage.grad_accum}, {stage.steps} steps")
-        writer = None
+        if self.step >= self.total_steps:
+            self.log_line(f"the run is complete at step {self.step} of {self.total_steps}; --max-steps N extends it")
         if self.dist.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main)
+            with writing(self.run_dir / RUN_CONFIG, self.checkpoints):
+                write_run_files(self.run_dir, self.config, self.max_steps, self.total_steps)
         metrics: dict = {}
-        try:
-            while self.step < self.total_steps and not self.stop_requested():
-                stage = self.stage_at(self.step)
-                try:
-                    metrics = self.train_stage(stage, bar, writer)
-                except torch.OutOfMemoryError:
-                    raise TrainError(f"CUDA out of memory at stage {stage.index} (seq {stage.seq_len}, micro-batch "
-                                     f"{stage.micro_batch}): lower curriculum[{stage.index}].micro_batch (gradient "
-                                     f"accumulation keeps the tokens per step)") from None
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
+        with self.tensorboard() as writer:
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main)
+            try:
+                while self.step < self.total_steps and not self.stop_requested():
+                    stage = self.stage_at(self.step)
+                    try:
+                        metrics = self.train_stage(stage, bar, writer)
+                    except torch.OutOfMemoryError:
+                        raise TrainError(f"CUDA out of memory at stage {stage.index} (seq {stage.seq_len}, micro-batch "
+                                         f"{stage.micro_batch}): lower curriculum[{stage.index}].micro_batch (gradient "
+                                         f"accumulation keeps the tokens per step)") from None
+            finally:
+                bar.close()
         return metrics
+
+    @contextlib.contextmanager
+    def tensorboard(self) -> Iterator:
+        """The run's TensorBoard writer (None but on rank 0), closed at the end. It writes from a thread
+        of its own and raises that thread's error in ours at its next call, where `writing` turns it into
+        the one-line error; the thread's own traceback would only repeat it, so it is not printed."""
+        if not self.dist.is_main:
+            yield None
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder, previous = self.run_dir / "tensorboard", threading.excepthook
+
+        def skip_tensorboard_threads(args: threading.ExceptHookArgs) -> None:
+            if not type(args.thread).__module__.startswith("tensorboard."):
+                previous(args)
+
+        threading.excepthook = skip_tensorboard_threads
+        try:
+            with writing(folder, self.checkpoints):
+                writer = SummaryWriter(str(folder))
+            try:
+                yield writer
+            finally:
+                with writing(folder, self.checkpoints):
+                    writer.close()
+        finally:
+            threading.excepthook = previous
 
     def train_stage(self, stage: Stage, bar, writer) -> dict:
         """Train from the current step to the stage's end (or stop_at_step); return the last metrics line."""
@@ -375,7 +518,8 @@ class Trainer:
                 logged = self.should_log(self.step, end)
                 if logged:
                     last = self.window_metrics(stage, result, window)
-                    bar.set_postfix_str(f"stage {stage.index} loss {last['loss']:.3f} "
+                    loss = "skipped" if last["loss"] is None else f"{last['loss']:.3f}"
+                    bar.set_postfix_str(f"stage {stage.index} loss {loss} "
                                         f"{last['tokens_per_s'] / 1e3:.1f}k tok/s MFU {last['mfu']:.1%}")
                     if self.should_eval(self.step, end):
                         last.update(self.validate(stage))
@@ -431,8 +575,8 @@ class Trainer:
             self.log_line(f"step {self.step + 1}: non-finite loss or gradient, step skipped "
                           f"({self.bad_steps} in a row)")
             if self.bad_steps >= cfg.run.max_bad_steps:
-                raise TrainError(f"{self.bad_steps} non-finite steps in a row; stopped. The last good checkpoint "
-                                 f"is in {self.run_dir / 'checkpoints'}; lower optim.lr or check the data")
+                raise TrainError(f"{self.bad_steps} non-finite steps in a row; stopped (lower optim.lr or check the "
+                                 f"data); {checkpoint_note(self.checkpoints)}")
             return StepResult(lr, step_loss, grad_norm, skipped=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -446,12 +590,12 @@ class Trainer:
         return self.stop_at_step is not None and self.step >= self.stop_at_step
 
     def should_log(self, step: int, stage_end: int) -> bool:
-        """A metrics line (one host sync of the loss) every log_every steps and at each stage's end."""
-        return step % self.config.run.log_every == 0 or step == stage_end
+        """A metrics line (one host sync of the loss) every log_every steps, at each stage's end, and at
+        each evaluation, whose results join it."""
+        return step % self.config.run.log_every == 0 or self.should_eval(step, stage_end)
 
     def should_eval(self, step: int, stage_end: int) -> bool:
-        """Validation every eval_every steps and at each stage's end; it joins that step's metrics line,
-        so it happens only where should_log is true too."""
+        """Validation every eval_every steps and at each stage's end, whatever log_every is."""
         return step % self.config.run.eval_every == 0 or step == stage_end
 
     def should_checkpoint(self, step: int, stage_end: int) -> bool:
@@ -470,7 +614,8 @@ class Trainer:
         flops_per_s = self.model.flops_per_token(stage.seq_len) * tokens_per_s
         on_gpu = self.device.type == "cuda"
         return {"step": self.step, "stage": stage.index, "seq_len": stage.seq_len,
-                "tokens": self.step * tokens_per_step, "loss": float(window.loss_sum) / max(window.steps, 1),
+                "tokens": self.step * tokens_per_step,
+                "loss": float(window.loss_sum) / window.steps if window.steps else None,  # None: every step skipped
                 "lr": result.lr, "grad_norm": float(result.grad_norm), "tokens_per_s": tokens_per_s,
                 "mfu": flops_per_s / (self.peak_flops * self.dist.world_size) if self.peak_flops else 0.0,
                 "memory_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if on_gpu else 0.0,
@@ -491,10 +636,14 @@ class Trainer:
         self.save(is_best)
 
     def write_metrics(self, metrics: dict, writer) -> None:
+        """One line of metrics.jsonl, and the same values to TensorBoard. A value that is not finite
+        (the grad norm of a skipped step) is written as null: the line stays valid JSON."""
         if not self.dist.is_main:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "step":
-                writer.add_scalar(key, value, metrics["step"])
+        values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+        with writing(self.run_dir / METRICS, self.checkpoints), open(self.run_dir / METRICS, "a") as f:
+            f.write(json.dumps(values) + "\n")
+        with writing(self.run_dir / "tensorboard", self.checkpoints):
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    writer.add_scalar(key, value, values["step"])
