@@ -17,7 +17,9 @@ from typing import Any
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 PRECISIONS = ("fp8", "te-bf16", "bf16", "fp32")
+TE_MODES = ("fp8", "te-bf16")  # the modes that build Transformer Engine modules
 RECIPES = ("delayed", "current", "block")
+LOSSES = ("plain", "chunked")
 
 
 class ConfigError(Exception):
@@ -111,6 +113,11 @@ class RunConfig:
     # micro-batch 32 went from 347k to 476k tokens/s (docs/benchmarks.md).
     compile: bool = True
     seed: int = 0  # model initialisation seed
+    # plain: the head writes the logits, then cross-entropy in FP32 (compiled on a GPU) | chunked: the head's
+    # GEMM and the loss fused per chunk of tokens, their gradients computed in the forward, so neither the
+    # logits nor their gradient is ever written whole (train/loss.py); needs a torch head, not an FP8 one.
+    loss: str = "plain"
+    loss_chunk_tokens: int = 4096  # tokens per chunk of the chunked loss: its memory is one chunk's logits
 
 
 @dataclass
@@ -239,6 +246,14 @@ def validate(config: TrainConfig) -> None:
     for i, stage in enumerate(config.curriculum):
         if stage.seq_len <= 0 or stage.tokens <= 0 or stage.micro_batch <= 0:
             raise ConfigError(f"curriculum stage {i}: seq_len, tokens and micro_batch must be positive")
+    r = config.run
+    if r.loss not in LOSSES:
+        raise ConfigError(f"run.loss {r.loss!r} must be one of {LOSSES}")
+    if r.loss_chunk_tokens <= 0:
+        raise ConfigError(f"run.loss_chunk_tokens must be positive, got {r.loss_chunk_tokens}")
+    if r.loss == "chunked" and p.mode in TE_MODES and p.map["lm_head"] == "fp8":
+        raise ConfigError('run.loss = "chunked" computes the head itself and cannot run a Transformer Engine head: '
+                          'set precision.map.lm_head = "bf16", or run.loss = "plain"')
 
 
 def apply_settings(config: TrainConfig, settings: list[str]) -> TrainConfig:

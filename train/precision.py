@@ -23,9 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from train.config import PROJECTIONS, ConfigError, PrecisionConfig
-
-TE_MODES = ("fp8", "te-bf16")  # the modes that build Transformer Engine modules
+from train.config import PROJECTIONS, TE_MODES, ConfigError, PrecisionConfig
 
 
 @dataclass(frozen=True)

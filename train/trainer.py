@@ -30,7 +30,8 @@ from train import checkpoint
 from train.config import ConfigError, TrainConfig
 from train.flops import peak_bf16_flops
 from train.loader import IGNORE_INDEX, Batch, PackedLoader, make_batch
-from train.model import Transformer, cross_entropy
+from train.loss import Loss
+from train.model import Transformer
 from pipeline.packed import PackedDataError, PackedDataMissing, PackedSplit, check_seq_len
 from train.precision import Precision
 
@@ -136,13 +137,13 @@ def plan_stages(config: TrainConfig, world_size: int, max_steps: int | None, ver
     tokens_per_step = config.optim.tokens_per_step
     stages, first = [], 0
     for index, (stage, steps) in enumerate(zip(config.curriculum, stage_steps(config, max_steps))):
-        per_micro = stage.micro_batch * stage.seq_len * world_size
+        micro_batch = stage.micro_batch
+        per_micro = micro_batch * stage.seq_len * world_size
         if tokens_per_step % per_micro:
             raise ConfigError(f"optim.tokens_per_step ({tokens_per_step}) must be a multiple of micro_batch x seq_len x "
-                              f"GPUs for stage {index} ({stage.micro_batch} x {stage.seq_len} x {world_size})")
+                              f"GPUs for stage {index} ({micro_batch} x {stage.seq_len} x {world_size})")
         train, val = splits[stage.seq_len]
-        stages.append(Stage(index, stage.seq_len, stage.micro_batch, tokens_per_step // per_micro, steps, first,
-                            train, val))
+        stages.append(Stage(index, stage.seq_len, micro_batch, tokens_per_step // per_micro, steps, first, train, val))
         first += steps
     return stages
 
@@ -175,8 +176,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(model, split: PackedSplit, precision: Precision, micro_batch: int, max_rows: int, doc_mask: bool,
-             device: torch.device, dist_info: Distributed) -> dict[str, float]:
+def evaluate(model, loss: Loss, split: PackedSplit, precision: Precision, micro_batch: int, max_rows: int,
+             doc_mask: bool, device: torch.device, dist_info: Distributed) -> dict[str, float]:
     """Validation loss (nats/token) and bits per byte over the val split (or its first max_rows)."""
     n_rows = split.n_rows if not max_rows else min(max_rows, split.n_rows)
     nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -186,8 +187,8 @@ def evaluate(model, split: PackedSplit, precision: Precision, micro_batch: int, 
         rows = torch.arange(start, min(start + micro_batch, n_rows)).numpy()
         batch = make_batch(split, rows, pin=False).to(device)
         with precision.autocast():
-            logits = model(batch.inputs, batch.doc_lens if doc_mask else None)
-        nll += cross_entropy(logits, batch.targets, reduction="sum").double()
+            output = model(batch.inputs, batch.doc_lens if doc_mask else None, **loss.forward_kwargs)
+        nll += loss(output, batch.targets).double()
         count += (batch.targets != IGNORE_INDEX).sum()
     model.train()
     if dist_info.world_size > 1:
@@ -247,7 +248,7 @@ class Trainer:
         self.forward_model = self.wrap_model()
         # Compiled, the loss's FP32 upcast, log-softmax and their backward fuse into a few kernels
         # reading the BF16 logits: no FP32 copy of the logits is written (it grows with the vocabulary).
-        self.loss_fn = torch.compile(cross_entropy) if self.compiled else cross_entropy
+        self.loss = Loss(config.run, self.model, self.compiled)
 
     def make_profiler(self, steps: int):
         if not steps:
@@ -417,8 +418,9 @@ class Trainer:
             no_sync = distributed and micro < len(batches) - 1  # DDP reduces gradients after the last one only
             with (self.forward_model.no_sync() if no_sync else contextlib.nullcontext()):
                 with self.precision.autocast(amax_group):
-                    logits = self.forward_model(batch.inputs, batch.doc_lens if cfg.attention.doc_mask else None)
-                loss = self.loss_fn(logits, batch.targets, reduction="sum") / n_targets
+                    output = self.forward_model(batch.inputs, batch.doc_lens if cfg.attention.doc_mask else None,
+                                                **self.loss.forward_kwargs)
+                loss = self.loss(output, batch.targets) / n_targets
                 (loss * self.dist.world_size).backward()  # DDP averages gradients over ranks
             step_loss += loss.detach()
         self.precision.first_microbatch = None  # evaluation and the next step recast the weights
@@ -469,7 +471,7 @@ class Trainer:
         tokens_per_s = window.steps * tokens_per_step / max(time.perf_counter() - window.start, 1e-9)
         flops_per_s = self.model.flops_per_token(stage.seq_len) * tokens_per_s
         on_gpu = self.device.type == "cuda"
-        return {"step": self.step, "stage": stage.index, "seq_len": stage.seq_len,
+        return {"step": self.step, "stage": stage.index, "seq_len": stage.seq_len, "micro_batch": stage.micro_batch,
                 "tokens": self.step * tokens_per_step, "loss": float(window.loss_sum) / max(window.steps, 1),
                 "lr": result.lr, "grad_norm": float(result.grad_norm), "tokens_per_s": tokens_per_s,
                 "mfu": flops_per_s / (self.peak_flops * self.dist.world_size) if self.peak_flops else 0.0,
@@ -478,8 +480,8 @@ class Trainer:
 
     def validate(self, stage: Stage) -> dict[str, float]:
         """Validation loss and bits per byte on the stage's val split, at its sequence length."""
-        result = evaluate(self.forward_model, stage.val, self.precision, stage.micro_batch, self.config.run.eval_rows,
-                          self.config.attention.doc_mask, self.device, self.dist)
+        result = evaluate(self.forward_model, self.loss, stage.val, self.precision, stage.micro_batch,
+                          self.config.run.eval_rows, self.config.attention.doc_mask, self.device, self.dist)
         self.log_line(f"step {self.step}: val loss {result['val_loss']:.4f}, val bpb {result['val_bpb']:.4f}")
         return result
 
