@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from train import checkpoint
+from train import checkpoint, microbatch
 from train.config import ConfigError, TrainConfig
 from train.flops import peak_bf16_flops
 from train.loader import IGNORE_INDEX, Batch, PackedLoader, make_batch
@@ -113,8 +113,10 @@ def stage_steps(config: TrainConfig, max_steps: int | None) -> list[int]:
     return scaled
 
 
-def plan_stages(config: TrainConfig, world_size: int, max_steps: int | None, verify: bool = False) -> list[Stage]:
-    """Check every pack the curriculum needs before step 1; derive gradient accumulation per stage."""
+def plan_stages(config: TrainConfig, world_size: int, max_steps: int | None, verify: bool = False,
+                choose: microbatch.Chooser = microbatch.cpu_choice) -> list[Stage]:
+    """Check every pack the curriculum needs before step 1; resolve micro_batch = "auto" with `choose`;
+    derive gradient accumulation per stage."""
     data_dir, manifests = Path(config.data.data_dir), Path(config.data.manifests)
     splits, missing = {}, []
     for stage in config.curriculum:
@@ -134,10 +136,12 @@ def plan_stages(config: TrainConfig, world_size: int, max_steps: int | None, ver
     fingerprints = {s[0].tokenizer_sha256 for s in splits.values()}
     if len(fingerprints) > 1:
         raise PackedDataError("the packs were made from different tokenizers; rerun `just pack` for every length")
+    auto = microbatch.auto_stages(config, world_size)
+    chosen = choose(auto, splits[config.curriculum[0].seq_len][0].vocab_size) if auto else {}
     tokens_per_step = config.optim.tokens_per_step
     stages, first = [], 0
     for index, (stage, steps) in enumerate(zip(config.curriculum, stage_steps(config, max_steps))):
-        micro_batch = stage.micro_batch
+        micro_batch = chosen.get(index, stage.micro_batch)
         per_micro = micro_batch * stage.seq_len * world_size
         if tokens_per_step % per_micro:
             raise ConfigError(f"optim.tokens_per_step ({tokens_per_step}) must be a multiple of micro_batch x seq_len x "
@@ -218,7 +222,9 @@ class Trainer:
         self.config, self.run_dir, self.device = config, run_dir, device
         self.dist = dist_info or Distributed()
         self.stop_at_step = stop_at_step
-        self.stages = plan_stages(config, self.dist.world_size, max_steps, verify=config.data.verify)
+        microbatch.limit_process_memory(device, config.run.memory_fraction)
+        self.stages = plan_stages(config, self.dist.world_size, max_steps, verify=config.data.verify,
+                                  choose=microbatch.chooser(config, device, run_dir, self.dist.world_size, self.log_line))
         self.total_steps = sum(s.steps for s in self.stages)
         self.profiler = self.make_profiler(profile_steps)
         # Called with the step count after every optimizer step, in order; they observe, never decide.
