@@ -72,3 +72,7 @@ bench-scaling *args:
 # each projection of a preset, torch BF16 vs TE FP8 at the model's shapes: the per-projection FP8 policy
 bench-linear *args:
     {{python}} -m benchmarks.bench_linear "$@"
+
+# is this machine ready to train? GPU, compute capability, torch/CUDA/cuDNN, Transformer Engine, a real FP8 GEMM
+doctor *args:
+    {{python}} -m train.doctor "$@"

@@ -182,6 +182,7 @@ def require_transformer_engine(device: torch.device, fp8: bool):
     try:
         te = import_transformer_engine()
     except ImportError as err:
-        raise ConfigError(f"FP8 needs NVIDIA Transformer Engine (`pip install transformer-engine[pytorch]`), which "
-                          f"does not import here ({err}); or use --precision bf16") from None
+        raise ConfigError(f"{'FP8' if fp8 else 'te-bf16'} needs NVIDIA Transformer Engine, which does not import here "
+                          f"({err}): see README.md, section GPU, then check with `just doctor`; or use --precision "
+                          f"bf16") from None
     return te
