@@ -84,3 +84,7 @@ bench-linear *args:
 # generation speed: new tokens/s at batch 1 and 64, CPU and GPU (eager and as a CUDA graph)
 bench-sample *args:
     {{python}} -m benchmarks.bench_sample "$@"
+
+# is this machine ready to train? GPU, compute capability, torch/CUDA/cuDNN, Transformer Engine, a real FP8 GEMM
+doctor *args:
+    {{python}} -m train.doctor "$@"

@@ -1,7 +1,7 @@
 """`just bench-train`: the same model and packed data for a fixed number of steps in each precision
 mode, side by side in one run; a markdown table of tokens/s, MFU (against 989 TFLOP/s dense BF16),
-peak memory, the loss curve's start and end, and the final val bpb (with --write-docs also written
-to docs/benchmarks.md).
+peak memory, the micro-batches run, the loss curve's start and end, and the final val bpb (with
+--write-docs also written to docs/benchmarks.md).
 
 Each mode trains in its own process (fresh memory peak) with the same seed, tokens per step and
 data order, so losses compare at equal tokens. A mode may carry config overrides after `+`, e.g.
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from pipeline import HelpFormatter
+from pipeline.errors import StageError
 
 MODES = {  # name -> trainer arguments (run.compile is on by default: TE projections stay eager)
     "bf16-compiled": ["--precision", "bf16"],
@@ -46,7 +47,9 @@ def summarize(run_dir: Path, profile_steps: int) -> dict:
     # the first windows hold compilation and warm-up; profiled steps run slower
     timed = [m for m in lines[2:] if m["step"] <= last - profile_steps] or lines
     evals = [m for m in lines if "val_bpb" in m]
+    micro_batches = list(dict.fromkeys(m["micro_batch"] for m in lines))  # per stage, as run (also when "auto")
     return {"tokens_per_s": sum(m["tokens_per_s"] for m in timed) / len(timed),
+            "micro_batch": "/".join(map(str, micro_batches)),
             "mfu": sum(m["mfu"] for m in timed) / len(timed), "memory_gb": max(m["memory_gb"] for m in lines),
             "loss_start": lines[0]["loss"], "loss_end": lines[-1]["loss"], "steps": lines[-1]["step"],
             "tokens": lines[-1]["tokens"], "val_bpb": evals[-1]["val_bpb"] if evals else float("nan")}
@@ -63,13 +66,27 @@ def preset_rows(preset: str, results: list[tuple[str, dict | None, float]]) -> l
         ratio = f"{s['tokens_per_s'] / baseline['tokens_per_s']:.2f}x" if baseline else ""
         bpb = f"{s['val_bpb']:.4f}" + (f" ({s['val_bpb'] / baseline['val_bpb'] - 1:+.2%})" if baseline else "")
         rows.append([preset, mode, f"{s['tokens_per_s'] / 1e3:.0f}k", ratio, f"{s['mfu']:.1%}", f"{s['memory_gb']:.1f}",
-                     f"{s['loss_start']:.3f} -> {s['loss_end']:.3f}", bpb, f"{s['steps']} / {s['tokens'] / 1e6:.1f}M",
-                     f"{wall:.0f}"])
+                     s["micro_batch"], f"{s['loss_start']:.3f} -> {s['loss_end']:.3f}", bpb,
+                     f"{s['steps']} / {s['tokens'] / 1e6:.1f}M", f"{wall:.0f}"])
     return rows
 
 
-def section_title(configs: list[str], settings: list[str]) -> str:
-    """The docs section of a call, from its presets and their stage lengths: `Train: small at T=2048`."""
+def config_path(preset: str) -> str:
+    """A preset's name (`small`) names configs/small.toml; a path to a .toml file is taken as it is."""
+    return preset if preset.endswith(".toml") else f"configs/{preset}.toml"
+
+
+def vocabulary(config: str, settings: list[str], manifests: str | None) -> int:
+    """The vocabulary size of the packs a run of `config` reads (from their tokenize manifest)."""
+    from pipeline.manifest import tokens_info
+    from train.config import apply_settings, load
+
+    return tokens_info(Path(manifests or apply_settings(load(Path(config)), settings).data.manifests)).vocab_size
+
+
+def section_title(configs: list[str], settings: list[str], vocab_size: int) -> str:
+    """The docs section of a call, from its presets, their stage lengths and the packs' vocabulary:
+    `Train: small at T=2048, vocabulary 65,536`."""
     from train.config import apply_settings, load
 
     lengths = []
@@ -77,12 +94,19 @@ def section_title(configs: list[str], settings: list[str]) -> str:
         for stage in apply_settings(load(Path(config)), settings).curriculum:
             if stage.seq_len not in lengths:
                 lengths.append(stage.seq_len)
-    return f"Train: {', '.join(Path(c).stem for c in configs)} at T={'/'.join(map(str, lengths))}"
+    return (f"Train: {', '.join(Path(c).stem for c in configs)} at T={'/'.join(map(str, lengths))}, "
+            f"vocabulary {vocab_size:,}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="just bench-train", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--configs", default="configs/small.toml", help="config files to run, comma separated")
+    parser.add_argument("--presets", "--configs", dest="presets", default="small",
+                        help="presets to run, comma separated: names of configs/NAME.toml (small, base, yxanul-197m, "
+                             "...) or paths to .toml files")
+    parser.add_argument("--data-dir", default=None,
+                        help="where the packs are, passed to every run (default: the config's data.data_dir)")
+    parser.add_argument("--manifests", default=None,
+                        help="manifests of those packs, passed to every run (default: the config's data.manifests)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma separated, each one of {', '.join(MODES)}, optionally followed by +KEY=VALUE "
                              "config overrides for that run only")
@@ -103,15 +127,25 @@ def main(argv: list[str] | None = None) -> int:
 
     for mode in args.modes.split(","):
         mode_arguments(mode)  # an unknown mode fails before any run
-    title = args.title or (section_title(args.configs.split(","), args.set) if args.write_docs else None)
+    configs = [config_path(preset) for preset in args.presets.split(",")]
+    missing = [config for config in configs if not Path(config).is_file()]
+    if missing:
+        raise SystemExit(f"error: bench-train: no config {', '.join(missing)}; presets are the names in configs/")
+    data = [*(["--data-dir", args.data_dir] if args.data_dir else []),
+            *(["--manifests", args.manifests] if args.manifests else [])]
+    try:
+        vocab_size = vocabulary(configs[0], args.set, args.manifests)
+    except StageError as err:
+        raise SystemExit(f"error: bench-train: {err}") from None
+    title = args.title or (section_title(configs, args.set, vocab_size) if args.write_docs else None)
     rows, profile_rows = [], []
-    for config in args.configs.split(","):
+    for config in configs:
         preset, results = Path(config).stem, []
         for index, mode in enumerate(args.modes.split(",")):
             name = f"{preset}-{index}-{mode.split('+')[0]}"
             # the mode's own overrides come last: they win over the ones given to every run
             command = [sys.executable, "-m", "train", "--config", config, "--max-steps", str(args.steps), "--run",
-                       name, "--out-dir", args.out_dir, "--force", "--profile-steps", str(args.profile_steps),
+                       name, "--out-dir", args.out_dir, "--force", "--profile-steps", str(args.profile_steps), *data,
                        *[f"--set={s}" for s in args.set], *mode_arguments(mode)]
             print(f"bench-train: {' '.join(command[1:])}", flush=True)
             started = time.perf_counter()
@@ -120,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             if result.returncode != 0:
                 error = (result.stderr.strip().splitlines() or ["?"])[-1]
                 results.append((mode, None, wall))
-                rows.append([preset, mode, "failed: " + error[:150], *[""] * 7])
+                rows.append([preset, mode, "failed: " + error[:150], *[""] * 8])
                 if args.profile_steps:
                     profile_rows.append([preset, mode, "failed", *[""] * len(ORDER)])
                 print(result.stderr[-3000:], flush=True)
@@ -146,12 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         versions += f", Transformer Engine {transformer_engine.__version__}"
     except ImportError:
         pass
-    table = markdown_table(["preset", "mode", "tokens/s", "vs best bf16-compiled", "MFU", "peak GB",
+    table = markdown_table(["preset", "mode", "tokens/s", "vs best bf16-compiled", "MFU", "peak GB", "micro-batch",
                             "loss start -> end", "val bpb (vs that run)", "steps / tokens", "wall s"], rows)
-    invocation = (f"python -m benchmarks.bench_train --configs {args.configs} --modes {args.modes} --steps {args.steps}"
+    invocation = (f"python -m benchmarks.bench_train --presets {args.presets} --modes {args.modes} --steps {args.steps}"
                   + (f" --profile-steps {args.profile_steps}" if args.profile_steps else "")
+                  + "".join(f" {option} {value}" for option, value in zip(data[::2], data[1::2]))
                   + "".join(f" --set {s}" for s in args.set))
-    body = (f"`{invocation}` on {device} ({time.strftime('%Y-%m-%d')}, {versions}).\n\n{table}\n\n"
+    body = (f"`{invocation}` on {device} ({time.strftime('%Y-%m-%d')}, {versions}; packs of a {vocab_size:,}-token "
+            f"vocabulary).\n\n{table}\n\n"
             "tokens/s and MFU average the logged windows after the first two (compilation, warm-up); "
             "MFU counts 6 x matmul parameters + attention FLOPs per token against 989 TFLOP/s.")
     if profile_rows:

@@ -12,6 +12,7 @@ from torch import nn
 from tests.conftest import build_packed_corpus
 from train.__main__ import main as train_main
 from train.config import PROJECTIONS, ConfigError, from_dict, load
+from train.loss import Loss
 from pipeline.packed import PackedSplit
 from train.precision import Precision
 
@@ -205,8 +206,10 @@ def test_bits_per_byte_by_hand(packed):
         def forward(self, idx, doc_lens=None):
             return torch.zeros(*idx.shape, 512)
 
-    precision = Precision(load("configs/tiny.toml").precision, torch.device("cpu"))
-    result = evaluate(Uniform(), split, precision, 8, 0, False, torch.device("cpu"), Distributed())
+    config = load("configs/tiny.toml")
+    precision = Precision(config.precision, torch.device("cpu"))
+    loss = Loss(config.run, Uniform(), compiled=False)
+    result = evaluate(Uniform(), loss, split, precision, 8, 0, False, torch.device("cpu"), Distributed())
     rows = split.rows[:, 1:]
     targets = int((rows != split.pad_id).sum())
     assert result["val_tokens"] == targets

@@ -17,7 +17,10 @@ from typing import Any
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 PRECISIONS = ("fp8", "te-bf16", "bf16", "fp32")
+TE_MODES = ("fp8", "te-bf16")  # the modes that build Transformer Engine modules
 RECIPES = ("delayed", "current", "block")
+LOSSES = ("plain", "chunked")
+AUTO = "auto"  # a stage's micro_batch chosen by train/microbatch.py
 
 
 class ConfigError(Exception):
@@ -69,7 +72,10 @@ class AttentionConfig:
 class StageConfig:
     seq_len: int  # packed length to read (data/packed/seq{N})
     tokens: int  # token budget of this stage
-    micro_batch: int  # rows per micro-batch per GPU
+    # Rows per micro-batch per GPU, or "auto": the largest that fits the GPU's memory, found by a short
+    # probe at the stage's shape and cached in the run folder (train/microbatch.py; on the CPU, the
+    # largest up to 4,096 tokens). Either way it divides the rows of an optimizer step.
+    micro_batch: int | str = AUTO
 
 
 @dataclass
@@ -113,6 +119,14 @@ class RunConfig:
     # micro-batch 32 went from 347k to 476k tokens/s (docs/benchmarks.md).
     compile: bool = True
     seed: int = 0  # model initialisation seed
+    # plain: the head writes the logits, then cross-entropy in FP32 (compiled on a GPU) | chunked: the head's
+    # GEMM and the loss fused per chunk of tokens, their gradients computed in the forward, so neither the
+    # logits nor their gradient is ever written whole (train/loss.py); needs a torch head, not an FP8 one.
+    loss: str = "plain"
+    loss_chunk_tokens: int = 4096  # tokens per chunk of the chunked loss: its memory is one chunk's logits
+    # Share of the GPU's memory this process may allocate (0: all of it), for micro_batch = "auto" and the
+    # run alike: 0.29 of an 80 GB H100 is about a 24 GB card's usable memory.
+    memory_fraction: float = 0.0
 
 
 @dataclass
@@ -238,7 +252,8 @@ RANGES = {
               "decay_fraction": FRACTION, "tokens_per_step": POSITIVE},
     "data": {"seed": NON_NEGATIVE},
     "run": {"log_every": POSITIVE, "eval_every": POSITIVE, "eval_rows": NON_NEGATIVE, "checkpoint_every": POSITIVE,
-            "keep_last": NON_NEGATIVE, "max_bad_steps": POSITIVE, "seed": NON_NEGATIVE},
+            "keep_last": NON_NEGATIVE, "max_bad_steps": POSITIVE, "seed": NON_NEGATIVE,
+            "loss_chunk_tokens": POSITIVE, "memory_fraction": FRACTION},
 }
 
 
@@ -264,8 +279,17 @@ def validate(config: TrainConfig) -> None:
     if o.schedule not in ("cosine", "wsd"):
         raise ConfigError(f"optim.schedule {o.schedule!r} must be cosine or wsd")
     for i, stage in enumerate(config.curriculum):
-        if stage.seq_len <= 0 or stage.tokens <= 0 or stage.micro_batch <= 0:
-            raise ConfigError(f"curriculum stage {i}: seq_len, tokens and micro_batch must be positive")
+        if stage.seq_len <= 0 or stage.tokens <= 0:
+            raise ConfigError(f"curriculum stage {i}: seq_len and tokens must be positive")
+        m = stage.micro_batch
+        if m != AUTO and (isinstance(m, bool) or not isinstance(m, int) or m <= 0):
+            raise ConfigError(f'curriculum stage {i}: micro_batch must be a positive integer or "auto", got {m!r}')
+    r = config.run
+    if r.loss not in LOSSES:
+        raise ConfigError(f"run.loss {r.loss!r} must be one of {LOSSES}")
+    if r.loss == "chunked" and p.mode in TE_MODES and p.map["lm_head"] == "fp8":
+        raise ConfigError('run.loss = "chunked" computes the head itself and cannot run a Transformer Engine head: '
+                          'set precision.map.lm_head = "bf16", or run.loss = "plain"')
 
 
 def apply_settings(config: TrainConfig, settings: list[str]) -> TrainConfig:

@@ -248,18 +248,27 @@ class Transformer(nn.Module):
                 scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o.weight", "down.weight")) else 1.0
                 nn.init.normal_(param, mean=0.0, std=std * scale)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm (and the factorized head's d -> r projection): what the head multiplies."""
         h = self.norm(h)
-        if self.head_proj is not None:
-            h = self.head_proj(h)
-        return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
+        return self.head_proj(h) if self.head_proj is not None else h
+
+    def head_weight(self) -> torch.Tensor:
+        """The head's V x d (or V x r) weight: the input embedding's when tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.head_input(h)
+        return F.linear(h, self.head_weight()) if self.lm_head is None else self.lm_head(h)
 
     def forward(self, idx: torch.Tensor, doc_lens: torch.Tensor | None = None, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, head: bool = True) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T); doc_lens restarts positions and masks per document.
         With a cache, `positions` (B, T) say where each token stands in its row (default 0..T-1,
-        a prefill), which is also its slot in the cache."""
-        return self.logits(self.hidden(idx, doc_lens, cache, positions))
+        a prefill), which is also its slot in the cache. head=False stops before the head, for a
+        loss that applies it itself (train/loss.py)."""
+        x = self.hidden(idx, doc_lens, cache, positions)
+        return self.logits(x) if head else self.head_input(x)
 
     def hidden(self, idx: torch.Tensor, doc_lens: torch.Tensor | None = None, cache: KVCache | None = None,
                positions: torch.Tensor | None = None) -> torch.Tensor:

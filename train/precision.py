@@ -23,9 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from train.config import PROJECTIONS, ConfigError, PrecisionConfig
-
-TE_MODES = ("fp8", "te-bf16")  # the modes that build Transformer Engine modules
+from train.config import PROJECTIONS, TE_MODES, ConfigError, PrecisionConfig
 
 
 @dataclass(frozen=True)
@@ -114,7 +112,7 @@ class Precision:
         """FP8 GEMMs need dims divisible by 16 and token counts divisible by 8 (128 for block scaling)."""
         if self.mode != "fp8":
             return
-        multiple = 128 if self.config.recipe == "block" else 8
+        multiple = token_multiple(self.config)
         if tokens_per_micro_batch % multiple:
             raise ConfigError(f"{where}: FP8 ({self.config.recipe}) needs micro_batch x seq_len divisible by {multiple}, "
                               f"got {tokens_per_micro_batch}; change micro_batch or seq_len")
@@ -123,6 +121,13 @@ class Precision:
             if self.plan(name).is_te and (fan_in % block or fan_out % block):
                 raise ConfigError(f"FP8 ({self.config.recipe}) needs the dims of `{name}` ({fan_in}x{fan_out}) divisible "
                                   f"by {block}; change the model width or set precision.map.{name} = \"bf16\"")
+
+
+def token_multiple(config: PrecisionConfig) -> int:
+    """What micro_batch x seq_len must be a multiple of: 8 tokens for FP8 GEMMs, 128 with block scaling."""
+    if config.mode != "fp8":
+        return 1
+    return 128 if config.recipe == "block" else 8
 
 
 def import_transformer_engine():
@@ -177,6 +182,7 @@ def require_transformer_engine(device: torch.device, fp8: bool):
     try:
         te = import_transformer_engine()
     except ImportError as err:
-        raise ConfigError(f"FP8 needs NVIDIA Transformer Engine (`pip install transformer-engine[pytorch]`), which "
-                          f"does not import here ({err}); or use --precision bf16") from None
+        raise ConfigError(f"{'FP8' if fp8 else 'te-bf16'} needs NVIDIA Transformer Engine, which does not import here "
+                          f"({err}): see README.md, section GPU, then check with `just doctor`; or use --precision "
+                          f"bf16") from None
     return te

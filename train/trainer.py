@@ -31,11 +31,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from train import checkpoint
+from train import checkpoint, microbatch
 from train.config import ConfigError, TrainConfig, flatten, from_dict
 from train.flops import peak_bf16_flops
 from train.loader import IGNORE_INDEX, Batch, PackedLoader, make_batch
-from train.model import Transformer, cross_entropy
+from train.loss import Loss
+from train.model import Transformer
 from pipeline.manifest import atomic_path, tokens_info, write_json_atomic
 from pipeline.packed import PackedDataError, PackedDataMissing, PackedSplit, check_seq_len
 from train.precision import Precision
@@ -178,8 +179,10 @@ def pack_command(lengths: list[int], data_dir: Path, manifests: Path) -> str:
     return f"`{command}`"
 
 
-def plan_stages(config: TrainConfig, world_size: int, max_steps: int | None, verify: bool = False) -> list[Stage]:
-    """Check every pack the curriculum needs before step 1; derive gradient accumulation per stage."""
+def plan_stages(config: TrainConfig, world_size: int, max_steps: int | None, verify: bool = False,
+                choose: microbatch.Chooser = microbatch.cpu_choice) -> list[Stage]:
+    """Check every pack the curriculum needs before step 1; resolve micro_batch = "auto" with `choose`;
+    derive gradient accumulation per stage."""
     data_dir, manifests = Path(config.data.data_dir), Path(config.data.manifests)
     splits, missing = {}, []
     for stage in config.curriculum:
@@ -200,16 +203,18 @@ def plan_stages(config: TrainConfig, world_size: int, max_steps: int | None, ver
     if stale:
         raise PackedDataError(f"packed data made with another tokenizer than the current `tokenize` output "
                               f"({manifests / 'tokenize.json'}); run {pack_command(stale, data_dir, manifests)}")
+    auto = microbatch.auto_stages(config, world_size)
+    chosen = choose(auto, splits[config.curriculum[0].seq_len][0].vocab_size) if auto else {}
     tokens_per_step = config.optim.tokens_per_step
     stages, first = [], 0
     for index, (stage, steps) in enumerate(zip(config.curriculum, stage_steps(config, max_steps))):
-        per_micro = stage.micro_batch * stage.seq_len * world_size
+        micro_batch = chosen.get(index, stage.micro_batch)
+        per_micro = micro_batch * stage.seq_len * world_size
         if tokens_per_step % per_micro:
             raise ConfigError(f"optim.tokens_per_step ({tokens_per_step}) must be a multiple of micro_batch x seq_len x "
-                              f"GPUs for stage {index} ({stage.micro_batch} x {stage.seq_len} x {world_size})")
+                              f"GPUs for stage {index} ({micro_batch} x {stage.seq_len} x {world_size})")
         train, val = splits[stage.seq_len]
-        stages.append(Stage(index, stage.seq_len, stage.micro_batch, tokens_per_step // per_micro, steps, first,
-                            train, val))
+        stages.append(Stage(index, stage.seq_len, micro_batch, tokens_per_step // per_micro, steps, first, train, val))
         first += steps
     return stages
 
@@ -242,8 +247,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(model, split: PackedSplit, precision: Precision, micro_batch: int, max_rows: int, doc_mask: bool,
-             device: torch.device, dist_info: Distributed) -> dict[str, float]:
+def evaluate(model, loss: Loss, split: PackedSplit, precision: Precision, micro_batch: int, max_rows: int,
+             doc_mask: bool, device: torch.device, dist_info: Distributed) -> dict[str, float]:
     """Validation loss (nats/token) and bits per byte over the val split (or its first max_rows)."""
     n_rows = split.n_rows if not max_rows else min(max_rows, split.n_rows)
     nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -253,8 +258,8 @@ def evaluate(model, split: PackedSplit, precision: Precision, micro_batch: int, 
         rows = torch.arange(start, min(start + micro_batch, n_rows)).numpy()
         batch = make_batch(split, rows, pin=False).to(device)
         with precision.autocast():
-            logits = model(batch.inputs, batch.doc_lens if doc_mask else None)
-        nll += cross_entropy(logits, batch.targets, reduction="sum").double()
+            output = model(batch.inputs, batch.doc_lens if doc_mask else None, **loss.forward_kwargs)
+        nll += loss(output, batch.targets).double()
         count += (batch.targets != IGNORE_INDEX).sum()
     model.train()
     if dist_info.world_size > 1:
@@ -285,7 +290,9 @@ class Trainer:
         self.checkpoints = run_dir / "checkpoints"
         self.dist = dist_info or Distributed()
         self.stop_at_step, self.max_steps = stop_at_step, max_steps
-        self.stages = plan_stages(config, self.dist.world_size, max_steps, verify=config.data.verify)
+        microbatch.limit_process_memory(device, config.run.memory_fraction)
+        self.stages = plan_stages(config, self.dist.world_size, max_steps, verify=config.data.verify,
+                                  choose=microbatch.chooser(config, device, run_dir, self.dist.world_size, self.log_line))
         self.total_steps = sum(s.steps for s in self.stages)
         self.profiler = self.make_profiler(profile_steps)
         # Called with the step count after every optimizer step, in order; they observe, never decide.
@@ -318,7 +325,7 @@ class Trainer:
         self.forward_model = self.wrap_model()
         # Compiled, the loss's FP32 upcast, log-softmax and their backward fuse into a few kernels
         # reading the BF16 logits: no FP32 copy of the logits is written (it grows with the vocabulary).
-        self.loss_fn = torch.compile(cross_entropy) if self.compiled else cross_entropy
+        self.loss = Loss(config.run, self.model, self.compiled)
 
     def budget_change(self, planned_steps: int) -> str:
         """What a resume's new step budget does, in a line: the schedule is a function of the total, so
@@ -561,8 +568,9 @@ class Trainer:
             no_sync = distributed and micro < len(batches) - 1  # DDP reduces gradients after the last one only
             with (self.forward_model.no_sync() if no_sync else contextlib.nullcontext()):
                 with self.precision.autocast(amax_group):
-                    logits = self.forward_model(batch.inputs, batch.doc_lens if cfg.attention.doc_mask else None)
-                loss = self.loss_fn(logits, batch.targets, reduction="sum") / n_targets
+                    output = self.forward_model(batch.inputs, batch.doc_lens if cfg.attention.doc_mask else None,
+                                                **self.loss.forward_kwargs)
+                loss = self.loss(output, batch.targets) / n_targets
                 (loss * self.dist.world_size).backward()  # DDP averages gradients over ranks
             step_loss += loss.detach()
         self.precision.first_microbatch = None  # evaluation and the next step recast the weights
@@ -613,7 +621,7 @@ class Trainer:
         tokens_per_s = window.steps * tokens_per_step / max(time.perf_counter() - window.start, 1e-9)
         flops_per_s = self.model.flops_per_token(stage.seq_len) * tokens_per_s
         on_gpu = self.device.type == "cuda"
-        return {"step": self.step, "stage": stage.index, "seq_len": stage.seq_len,
+        return {"step": self.step, "stage": stage.index, "seq_len": stage.seq_len, "micro_batch": stage.micro_batch,
                 "tokens": self.step * tokens_per_step,
                 "loss": float(window.loss_sum) / window.steps if window.steps else None,  # None: every step skipped
                 "lr": result.lr, "grad_norm": float(result.grad_norm), "tokens_per_s": tokens_per_s,
@@ -623,8 +631,8 @@ class Trainer:
 
     def validate(self, stage: Stage) -> dict[str, float]:
         """Validation loss and bits per byte on the stage's val split, at its sequence length."""
-        result = evaluate(self.forward_model, stage.val, self.precision, stage.micro_batch, self.config.run.eval_rows,
-                          self.config.attention.doc_mask, self.device, self.dist)
+        result = evaluate(self.forward_model, self.loss, stage.val, self.precision, stage.micro_batch,
+                          self.config.run.eval_rows, self.config.attention.doc_mask, self.device, self.dist)
         self.log_line(f"step {self.step}: val loss {result['val_loss']:.4f}, val bpb {result['val_bpb']:.4f}")
         return result
 
