@@ -195,12 +195,13 @@ def run_tasks(folder: Path, tasks: list[str], include_path: Path | None, device:
 
 
 def task_rows(results: dict[str, Any]) -> list[tuple[str, str, float, float | None]]:
-    """(task, metric, value, stderr) of every metric the harness reported."""
+    """(task, metric, value, stderr) of every metric the harness reported: keys "metric,filter"
+    (others, such as alias and sample_len, describe the task)."""
     rows = []
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
-            metric, _, _ = key.partition(",")
-            if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            metric, comma, _ = key.partition(",")
+            if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             stderr = metrics.get(key.replace(metric, f"{metric}_stderr", 1))
             rows.append((task, key, float(value), float(stderr) if isinstance(stderr, (int, float)) else None))
