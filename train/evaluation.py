@@ -45,8 +45,8 @@ from train.export import EOT, PAD, ExportError, Source, export, find_checkpoint,
 from train.precision import Precision
 from train.trainer import Distributed, evaluate
 
-# A French set from lm-evaluation-harness: FrenchBench's multiple-choice tasks (CroissantLLM), Belebele's
-# French reading comprehension and XNLI in French.
+# A French set from lm-evaluation-harness: FrenchBench's multiple-choice tasks (CroissantLLM's benchmark: ARC
+# challenge, HellaSwag, grammar and vocabulary in French), Belebele's French reading comprehension, XNLI in French.
 FRENCH_TASKS = ("french_bench_mc", "belebele_fra_Latn", "xnli_fr")
 HF_BATCH = 8  # rows per forward for a --hf folder, which has no run config to take it from
 
@@ -195,12 +195,13 @@ def run_tasks(folder: Path, tasks: list[str], include_path: Path | None, device:
 
 
 def task_rows(results: dict[str, Any]) -> list[tuple[str, str, float, float | None]]:
-    """(task, metric, value, stderr) of every metric the harness reported."""
+    """(task, metric, value, stderr) of every metric the harness reported: keys "metric,filter"
+    (others, such as alias and sample_len, describe the task)."""
     rows = []
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
-            metric, _, _ = key.partition(",")
-            if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            metric, comma, _ = key.partition(",")
+            if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             stderr = metrics.get(key.replace(metric, f"{metric}_stderr", 1))
             rows.append((task, key, float(value), float(stderr) if isinstance(stderr, (int, float)) else None))
@@ -230,24 +231,24 @@ def parse_tasks(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="just eval", description=__doc__.format(french=", ".join(FRENCH_TASKS)),
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--run", default=None, help="run name: evaluates OUT_DIR/RUN/checkpoints/best unless --checkpoint")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder or file (default: the run's best)")
-    parser.add_argument("--hf", type=Path, default=None, help="evaluate this Hugging Face folder (from `just export`) instead")
-    parser.add_argument("--text", type=Path, default=None, help="UTF-8 text file, documents separated by blank lines")
-    parser.add_argument("--parquet", type=Path, default=None,
+    parser.add_argument("--run", default=None, metavar="NAME", help="run name: evaluates OUT_DIR/RUN/checkpoints/best unless --checkpoint")
+    parser.add_argument("--checkpoint", type=Path, default=None, metavar="PATH", help="checkpoint folder or file (default: the run's best)")
+    parser.add_argument("--hf", type=Path, default=None, metavar="DIR", help="evaluate this Hugging Face folder (from `just export`) instead")
+    parser.add_argument("--text", type=Path, default=None, metavar="FILE", help="UTF-8 text file, documents separated by blank lines")
+    parser.add_argument("--parquet", type=Path, default=None, metavar="FILE",
                         help="Parquet of paragraphs (article_id, text), e.g. from `just extract-paragraphs`: one "
                              "document per article")
-    parser.add_argument("--tasks", default=None,
+    parser.add_argument("--tasks", default=None, metavar="LIST",
                         help="lm-evaluation-harness tasks, comma separated (e.g. french_bench_hellaswag,belebele_fra_Latn,"
                              f"xnli_fr,arc_fr); `french` stands for {','.join(FRENCH_TASKS)}")
-    parser.add_argument("--include-path", type=Path, default=None, help="folder of your own lm-evaluation-harness YAML tasks")
-    parser.add_argument("--limit", type=float, default=None,
+    parser.add_argument("--include-path", type=Path, default=None, metavar="DIR", help="folder of your own lm-evaluation-harness YAML tasks")
+    parser.add_argument("--limit", type=float, default=None, metavar="N",
                         help="--tasks: examples per task (a fraction if below 1), for a quick look; all when not given")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples (default: each task's own)")
-    parser.add_argument("--seq-len", type=int, default=None,
+    parser.add_argument("--num-fewshot", type=int, default=None, metavar="N", help="--tasks: few-shot examples (default: each task's own)")
+    parser.add_argument("--seq-len", type=int, default=None, metavar="N",
                         help="row length for bits per byte (default: the run's last curriculum length; --hf: the "
                              "model's context)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
                         help=f"rows per forward for bits per byte, the run's last micro-batch when not given (as its "
                              f"validation ran; --hf: {HF_BATCH}); requests per forward for --tasks, 1 when not given. "
                              f"Lower it when memory is short")
@@ -319,8 +320,8 @@ def score_tasks(args: argparse.Namespace, source: Source | None, device: torch.d
         if folder is None:  # the harness loads Hugging Face models: export the checkpoint first
             folder = Path(tmp) / "hf"
             export(source, folder, "float32", args.tokenizer)
-        results = run_tasks(folder, tasks, args.include_path, device, args.batch_size or 1, args.limit,
-                            args.num_fewshot)
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # >= 1: a count
+        results = run_tasks(folder, tasks, args.include_path, device, args.batch_size or 1, limit, args.num_fewshot)
     what = str(args.hf or source.checkpoint)
     print(f"eval: lm-evaluation-harness on {what}")
     print_table(["task", "metric", "value", "stderr"],

@@ -108,7 +108,7 @@ def load_checked(source: Source, tokenizer_path: Path | None) -> tuple[Transform
         raise ExportError(f"tokenizer {tokenizer_path} not found; pass --tokenizer")
     if sha256_file(tokenizer_path) != found.tokenizer_sha256:
         raise ExportError(f"{tokenizer_path} is not the tokenizer this checkpoint was trained with; pass --tokenizer")
-    return model.float().eval(), found, tokenizer_path
+    return model, found, tokenizer_path
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -361,10 +361,10 @@ def export(source: Source, out: Path, dtype: str = "bfloat16", tokenizer_path: P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="just export", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--run", default=None, help="run name: exports OUT_DIR/RUN/checkpoints/best unless --checkpoint")
-    parser.add_argument("--checkpoint", type=Path, default=None,
+    parser.add_argument("--run", default=None, metavar="NAME", help="run name: exports OUT_DIR/RUN/checkpoints/best unless --checkpoint")
+    parser.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
                         help="checkpoint folder or file to export (default: the run's best)")
-    parser.add_argument("--out", type=Path, default=None, help="the Hugging Face folder to write (default: OUT_DIR/RUN/hf)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="the Hugging Face folder to write (default: OUT_DIR/RUN/hf)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype of the exported weights")
     parser.add_argument("--out-dir", type=Path, default=Path("runs"), help="where runs live")
     parser.add_argument("--tokenizer", type=Path, default=None,
