@@ -76,8 +76,9 @@ class PackedSplit:
                 raise PackedDataError(f"{path} does not match the sha256 in {info.manifest_path}; "
                                       f"run `{make} --force`")
         split_info = info.splits[split]
-        rows = np.memmap(files["tokens"], dtype=np.dtype(info.dtype), mode="r",
-                         shape=(split_info["rows"], seq_len + 1))
+        shape = (split_info["rows"], seq_len + 1)  # no rows (an empty val split): an empty file, which cannot be mapped
+        rows = np.memmap(files["tokens"], dtype=np.dtype(info.dtype), mode="r", shape=shape) if shape[0] \
+            else np.zeros(shape, dtype=np.dtype(info.dtype))
         return cls(seq_len=seq_len, rows=rows, doc_lens=np.load(files["doc_lens"], mmap_mode="r"),
                    row_offsets=np.load(files["row_offsets"]), pad_id=info.pad_id, eot_id=info.eot_id,
                    vocab_size=info.vocab_size, utf8_bytes=split_info["utf8_bytes"],
