@@ -1,18 +1,24 @@
 """`python -m pipeline STAGE ...`: one command line for every data stage.
 
 Each stage module exposes `add_arguments(parser)` and `run(args) -> int`. A `StageError` is a
-problem the user can fix: it is printed as one line on stderr and the exit code is 2, no traceback.
+problem the user can fix: it is printed as one line on stderr and the exit code is 2, no traceback;
+so is a failed file operation (a full disk, a read-only or forbidden folder).
+Ctrl-C (exit 130) and SIGTERM (exit 143) stop a stage the same way: the exception unwinds through
+every `atomic_path`, so nothing is left at a final path, and the workers are stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from pipeline import HelpFormatter
-from pipeline.errors import StageError
+from pipeline.errors import StageError, describe_os_error
 
 STAGES = {  # command -> module (each exposes add_arguments and run)
     "download": "pipeline.download",
@@ -46,13 +52,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a stage unwinds exactly as on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    def interrupt(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        with sigterm_interrupts():
+            return args.func(args) or 0
     except StageError as err:
         print(f"error: {args.stage}: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except OSError as err:
+        print(f"error: {args.stage}: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as interrupt:
         print(f"error: {args.stage}: interrupted; no output was left at its final path", file=sys.stderr)
-        return 130
+        return 143 if isinstance(interrupt, Terminated) else 130

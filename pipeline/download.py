@@ -118,23 +118,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         parameters = {"dataset": args.dataset, "version": args.version, "file": args.file}
         inputs = []
-    stage = StageRun(STAGE, args.manifests, parameters, inputs, force=args.force)
-    if not stage.start(final, [out_dir]):
-        return 0
-    if args.from_path is not None:
-        materialize(args.from_path, final)
-    else:
-        staging = out_dir / ".download"
-        if args.force and staging.exists():
-            shutil.rmtree(staging)
-        downloaded = fetch_from_kaggle(args.dataset, args.version, args.file, staging)
-        if is_zip(downloaded):
-            materialize(downloaded, final)
-            downloaded.unlink()
+    with StageRun(STAGE, args.manifests, parameters, inputs, force=args.force) as stage:
+        if not stage.start(final, [out_dir]):
+            return 0
+        if args.from_path is not None:
+            materialize(args.from_path, final)
         else:
-            os.replace(downloaded, final)
-        shutil.rmtree(staging, ignore_errors=True)
-    stage.add_output(final)
-    manifest = stage.finish()
+            staging = out_dir / ".download"
+            if args.force and staging.exists():
+                shutil.rmtree(staging)
+            downloaded = fetch_from_kaggle(args.dataset, args.version, args.file, staging)
+            if is_zip(downloaded):
+                materialize(downloaded, final)
+                downloaded.unlink()
+            else:
+                with atomic_path(final) as tmp:  # renamed through a temporary: a failed run takes it back
+                    os.replace(downloaded, tmp)
+            shutil.rmtree(staging, ignore_errors=True)
+        stage.add_output(final)
+        manifest = stage.finish()
     print(f"{STAGE}: {final} ({manifest['outputs'][0]['bytes']:,} bytes, sha256 {manifest['outputs'][0]['sha256'][:12]}…)")
     return 0

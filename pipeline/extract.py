@@ -2,8 +2,14 @@
 
 The file is cut into byte ranges aligned to line starts; workers parse ranges in parallel (orjson)
 and the main process writes their tables in file order, so the output is identical for any worker
-count. Memory stays bounded: at most two ranges per worker are in flight. Bad lines are skipped and
-counted by reason; duplicate article identifiers keep one copy (the latest `date_modified`, else
+count. Memory stays bounded: at most two ranges per worker are in flight. A gzip-compressed input
+(`.jsonl.gz`, told by its first bytes) is decompressed by the main process as it goes, cut where the
+plain file would be cut, so its output is the plain file's, without a decompressed copy on disk
+(zlib then bounds the speed, to about one core's worth of decompression).
+
+Bad lines are skipped and counted by reason, the first ones recorded with their cause; a last line
+cut short (an interrupted download) is reported as such and not counted against
+--max-bad-fraction. Duplicate article identifiers keep one copy (the latest `date_modified`, else
 the first) and are removed in a second pass over the Parquet only when there are any.
 """
 
@@ -12,11 +18,16 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import gzip
 import os
+import sys
+import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
+from typing import Iterator
 
 import orjson
 import pyarrow as pa
@@ -37,21 +48,28 @@ SCHEMA = pa.schema([
     ("paragraph_index", pa.int32()),
     ("text", pa.string()),
 ])
-BAD_REASONS = ("invalid_json", "not_utf8", "not_object", "truncated")
-FIRST_LINES_KEPT = 10
+BAD_REASONS = ("invalid_json", "not_utf8", "not_object", "identifier_out_of_range", "truncated")
+FIRST_LINES_KEPT = 10  # bad lines recorded with their cause, in file order
+FIRST_LINES_SHOWN = 3  # of those, in the error message
+INT64 = range(-(1 << 63), 1 << 63)
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+              type(None): "null"}
+GZIP_MAGIC = b"\x1f\x8b"
 DEFAULT_CHUNK_BYTES = 16 << 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", type=Path, default=None,
-                        help="JSONL input (default: the file `just download` wrote, DATA_DIR/raw/...)")
+                        help="JSONL input, plain or gzip-compressed (default: the file `just download` wrote, "
+                             "DATA_DIR/raw/...)")
     parser.add_argument("--output", type=Path, default=None,
                         help="Parquet output (default: DATA_DIR/paragraphs/paragraphs.parquet)")
     parser.add_argument("--lists", action="store_true",
                         help="also emit list items (nested items, repeated by the dump, are emitted once)")
     parser.add_argument("--min-chars", type=int, default=1, help="skip paragraphs shorter than this many characters")
     parser.add_argument("--max-bad-fraction", type=float, default=0.001,
-                        help="fail, writing nothing, when more than this fraction of lines is malformed")
+                        help="fail, writing nothing, when more than this fraction of lines is malformed (a last "
+                             "line cut short is reported and skipped, not counted)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="parser processes (output is identical for any count)")
     parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
@@ -70,12 +88,19 @@ class ChunkResult:
 
     table: pa.Table
     articles: list[tuple[int, str | None, int]]  # (article_id, date_modified, rows), in order
+    input_bytes: int = 0
     lines: int = 0
-    bad: dict[str, list[int]] = field(default_factory=dict)  # reason -> line numbers (1-based, in chunk)
+    bad: dict[str, int] = field(default_factory=dict)  # reason -> lines
+    first_bad: list[tuple[int, str, str]] = field(default_factory=list)  # (line in chunk, 1-based; reason; cause)
     characters: int = 0
     no_identifier: int = 0
     without_paragraphs: int = 0
     short_skipped: int = 0
+
+    def add_bad(self, line: int, reason: str, cause: str) -> None:
+        self.bad[reason] = self.bad.get(reason, 0) + 1
+        if len(self.first_bad) < FIRST_LINES_KEPT:
+            self.first_bad.append((line, reason, cause))
 
 
 def list_item_texts(part: dict) -> list[str]:
@@ -144,31 +169,39 @@ def article_paragraphs(article: dict, options: ExtractOptions, section_paths: li
     return short
 
 
-def classify_bad_line(line: bytes, at_eof_without_newline: bool) -> str:
+def classify_bad_line(line: bytes, error: orjson.JSONDecodeError, cut: bool) -> tuple[str, str]:
+    """(reason, cause) of a line that orjson refused; `cut`: it is the last line and has no newline."""
     try:
         line.decode("utf-8")
-    except UnicodeDecodeError:
-        return "not_utf8"
-    return "truncated" if at_eof_without_newline else "invalid_json"
+    except UnicodeDecodeError as err:
+        if cut and err.reason == "unexpected end of data":
+            return "truncated", "the file ends inside a multi-byte character: it was cut short"
+        if not cut:
+            return "not_utf8", f"byte {line[err.start]:#04x} at column {err.start + 1} is not UTF-8"
+    if cut:
+        return "truncated", "the file ends inside this line (no final newline): it was cut short"
+    message, _, where = str(error).rpartition(": line 1 column ")  # orjson: "<what>: line 1 column N (char M)"
+    return "invalid_json", f"invalid JSON: {message} (column {where.split()[0]})" if message else str(error)
 
 
-def parse_lines(data: bytes, options: ExtractOptions, ends_file: bool) -> ChunkResult:
+def parse_lines(data: bytes, options: ExtractOptions) -> ChunkResult:
     """Parse one range of lines. The cyclic GC is paused: parsed JSON holds no cycles, and its
-    collections triggered by millions of short-lived dicts cost a third of the time."""
+    collections triggered by millions of short-lived dicts cost a third of the time. Ranges end at a
+    line end, except the file's last: a range without a final newline ends the file."""
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _parse_lines(data, options, ends_file)
+        return _parse_lines(data, options)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _parse_lines(data: bytes, options: ExtractOptions, ends_file: bool) -> ChunkResult:
+def _parse_lines(data: bytes, options: ExtractOptions) -> ChunkResult:
     ids, titles, section_paths, indices, texts = [], [], [], [], []
-    result = ChunkResult(table=None, articles=[])  # type: ignore[arg-type]
+    result = ChunkResult(table=None, articles=[], input_bytes=len(data))  # type: ignore[arg-type]
     lines = data.split(b"\n")
-    last_unterminated = ends_file and not data.endswith(b"\n")
+    last_unterminated = not data.endswith(b"\n")
     if not last_unterminated and lines and lines[-1] == b"":
         lines.pop()
     for number, line in enumerate(lines, start=1):
@@ -177,16 +210,18 @@ def _parse_lines(data: bytes, options: ExtractOptions, ends_file: bool) -> Chunk
             continue
         try:
             article = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            reason = classify_bad_line(line, last_unterminated and number == len(lines))
-            result.bad.setdefault(reason, []).append(number)
+        except orjson.JSONDecodeError as err:
+            result.add_bad(number, *classify_bad_line(line, err, last_unterminated and number == len(lines)))
             continue
         if not isinstance(article, dict):
-            result.bad.setdefault("not_object", []).append(number)
+            result.add_bad(number, "not_object", f"not a JSON object but {JSON_TYPES[type(article)]}")
             continue
         article_id = article.get("identifier")
         if not isinstance(article_id, int) or isinstance(article_id, bool):
             result.no_identifier += 1
+            continue
+        if article_id not in INT64:
+            result.add_bad(number, "identifier_out_of_range", f"identifier {article_id} does not fit in 64 bits")
             continue
         before = len(texts)
         result.short_skipped += article_paragraphs(article, options, section_paths, texts)
@@ -204,12 +239,12 @@ def _parse_lines(data: bytes, options: ExtractOptions, ends_file: bool) -> Chunk
     return result
 
 
-def process_range(path: str, size: int, options: ExtractOptions, byte_range: tuple[int, int]) -> ChunkResult:
+def process_range(path: str, options: ExtractOptions, byte_range: tuple[int, int]) -> ChunkResult:
     start, end = byte_range
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
-    return parse_lines(data, options, ends_file=end == size)
+    return parse_lines(data, options)
 
 
 def line_aligned_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -226,18 +261,57 @@ def line_aligned_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def check_input_kind(path: Path) -> None:
+def gzip_chunks(path: Path, chunk_bytes: int) -> Iterator[bytes]:
+    """The decompressed stream of a gzip file cut exactly as `line_aligned_ranges` cuts the plain
+    file: after the first line end at or past `chunk_bytes`, or at the end."""
+    with gzip_errors(path), gzip.open(path, "rb") as f:
+        rest = b""
+        while True:
+            parts, size = [rest], len(rest)
+            cut = rest.find(b"\n", chunk_bytes) + 1 if size > chunk_bytes else 0
+            while not cut and (block := f.read(max(chunk_bytes, 1 << 20))):
+                parts.append(block)
+                size += len(block)
+                if size > chunk_bytes:  # search the new bytes only, from chunk_bytes on
+                    at = block.find(b"\n", max(chunk_bytes - (size - len(block)), 0))
+                    cut = size - len(block) + at + 1 if at >= 0 else 0
+            data = b"".join(parts)
+            if not cut:  # the end of the stream
+                if data:
+                    yield data
+                return
+            yield data[:cut]
+            rest = data[cut:]
+
+
+@contextmanager
+def gzip_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise StageError(f"{path} is a damaged or cut gzip file ({err}); download it again") from None
+
+
+def check_input_kind(path: Path) -> bool:
+    """Refuse what is not frwiki JSONL; True when it is gzip-compressed JSONL."""
     size = path.stat().st_size
     if size == 0:
         raise StageError(f"{path} is empty; expected the frwiki JSONL (`just download`)")
     with open(path, "rb") as f:
         head = f.read(4)
+    if head == b"PK\x03\x04":
+        raise StageError(f"{path} is a zip archive; give the JSONL inside (`just download --from {path}` "
+                         f"extracts it)")
+    compressed = head.startswith(GZIP_MAGIC)
+    if compressed:
+        with gzip_errors(path), gzip.open(path, "rb") as f:
+            head = f.read(4)
+        if not head:
+            raise StageError(f"{path} holds an empty gzip stream; expected the frwiki JSONL (`just download`)")
     if head == b"PAR1":
         raise StageError(f"{path} is a Parquet file, not JSONL: this stage reads the JSONL of dataset version 1 "
                          f"(`just download` pins it)")
-    if head.startswith(b"\x1f\x8b") or head == b"PK\x03\x04":
-        raise StageError(f"{path} is compressed (gzip/zip); give the plain JSONL "
-                         f"(`just download --from {path}` extracts a zip)")
+    return compressed
 
 
 @dataclass
@@ -251,28 +325,34 @@ class Totals:
     short_skipped: int = 0
     duplicates: int = 0
     bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_REASONS, 0))
-    bad_first_lines: dict[str, list[int]] = field(default_factory=lambda: {r: [] for r in BAD_REASONS})
+    first_bad: list[tuple[int, str, str]] = field(default_factory=list)  # (line, reason, cause), file order
 
 
 def extract(path: Path, output: Path, options: ExtractOptions, workers: int, chunk_bytes: int,
             max_bad_fraction: float, progress: bool = True) -> Totals:
     """Write the Parquet at `output` (atomically) and return the totals; raise StageError on bad input."""
-    check_input_kind(path)
+    compressed = check_input_kind(path)
     totals = Totals()
     kept: dict[int, tuple[str | None, int, int]] = {}  # article_id -> (date_modified, first row, end row)
     dropped_ranges: list[tuple[int, int]] = []
-    ranges = line_aligned_ranges(path, chunk_bytes)
-    bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=STAGE, disable=not progress)
+    if compressed:  # the main process decompresses; workers get the lines themselves
+        parse, units = functools.partial(parse_lines, options=options), gzip_chunks(path, chunk_bytes)
+    else:  # workers read their own range: no data through the pipes
+        parse, units = functools.partial(process_range, str(path), options), line_aligned_ranges(path, chunk_bytes)
     with atomic_path(output) as tmp:
         # Parquet encoding and compression release the GIL: they run on a thread, overlapped with parsing.
-        with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer, ThreadPoolExecutor(1) as write_thread:
+        with ExitStack() as stack:
+            bar = stack.enter_context(tqdm(total=None if compressed else path.stat().st_size, unit="B",
+                                           unit_scale=True, desc=STAGE, disable=not progress))
+            writer = stack.enter_context(pq.ParquetWriter(tmp, SCHEMA, compression="zstd"))
+            write_thread = stack.enter_context(ThreadPoolExecutor(1))
             last_write = None
-            parse = functools.partial(process_range, str(path), path.stat().st_size, options)
-            for (start, end), chunk in zip(ranges, ordered_map(parse, ranges, workers)):
-                for reason, numbers in chunk.bad.items():
-                    totals.bad[reason] += len(numbers)
-                    room = FIRST_LINES_KEPT - len(totals.bad_first_lines[reason])
-                    totals.bad_first_lines[reason].extend(totals.lines + n for n in numbers[:max(room, 0)])
+            chunks = stack.enter_context(closing(ordered_map(parse, units, workers)))
+            for chunk in chunks:
+                for reason, count in chunk.bad.items():
+                    totals.bad[reason] += count
+                room = FIRST_LINES_KEPT - len(totals.first_bad)
+                totals.first_bad += [(totals.lines + n, reason, cause) for n, reason, cause in chunk.first_bad[:room]]
                 row = totals.rows
                 for article_id, modified, n_rows in chunk.articles:
                     previous = kept.get(article_id)
@@ -298,14 +378,14 @@ def extract(path: Path, output: Path, options: ExtractOptions, workers: int, chu
                     if last_write is not None:
                         last_write.result()  # at most one table waits to be written
                     last_write = write_thread.submit(writer.write_table, chunk.table)
-                bar.update(end - start)
+                bar.update(chunk.input_bytes)
             if last_write is not None:
                 last_write.result()
-        bar.close()
-        bad_lines = sum(totals.bad.values())
+        bad_lines = sum(totals.bad.values()) - totals.bad["truncated"]  # a cut last line is reported apart
         if totals.lines and bad_lines / totals.lines > max_bad_fraction:
-            raise StageError(f"{bad_lines:,} of {totals.lines:,} lines are malformed ({_bad_summary(totals)}), more "
-                             f"than --max-bad-fraction {max_bad_fraction}; nothing written. Check the input file")
+            first = "; ".join(f"line {line}: {cause}" for line, _, cause in totals.first_bad[:FIRST_LINES_SHOWN])
+            raise StageError(f"{bad_lines:,} of {totals.lines:,} lines are malformed ({_bad_summary(totals)}; {first}), "
+                             f"more than --max-bad-fraction {max_bad_fraction}; nothing written. Check the input file")
         if totals.articles == 0:
             raise StageError(f"{path} holds no frwiki article (no line is a JSON object with an integer "
                              f"`identifier`); is it the Structured-Contents JSONL?")
@@ -362,20 +442,26 @@ def run(args: argparse.Namespace) -> int:
     options = ExtractOptions(lists=args.lists, min_chars=args.min_chars)
     # Worker count and chunk size do not change the output, so they are not parameters.
     parameters = {"lists": options.lists, "min_chars": options.min_chars, "max_bad_fraction": args.max_bad_fraction,
-                  "output": str(output)}
-    stage = StageRun(STAGE, args.manifests, parameters, inputs, force=args.force)
-    if not stage.start(output, [output.parent]):
-        return 0
-    totals = extract(Path(source), output, options, args.workers, args.chunk_bytes, args.max_bad_fraction)
-    stage.add_output(output, counts={"rows": totals.rows, "articles": totals.articles,
-                                     "characters": totals.characters})
-    stage.finish(counters={
-        "lines": totals.lines, "articles": totals.articles, "paragraphs": totals.rows,
-        "characters": totals.characters, "articles_without_paragraphs": totals.without_paragraphs,
-        "duplicate_articles": totals.duplicates, "lines_without_identifier": totals.no_identifier,
-        "short_paragraphs_skipped": totals.short_skipped,
-        "bad_lines": totals.bad, "bad_first_line_numbers": totals.bad_first_lines,
-    })
+                  "output": Path(output)}
+    with StageRun(STAGE, args.manifests, parameters, inputs, force=args.force) as stage:
+        if not stage.start(output, [output.parent]):
+            return 0
+        totals = extract(Path(source), output, options, args.workers, args.chunk_bytes, args.max_bad_fraction)
+        stage.add_output(output, counts={"rows": totals.rows, "articles": totals.articles,
+                                         "characters": totals.characters})
+        stage.finish(counters={
+            "lines": totals.lines, "articles": totals.articles, "paragraphs": totals.rows,
+            "characters": totals.characters, "articles_without_paragraphs": totals.without_paragraphs,
+            "duplicate_articles": totals.duplicates, "lines_without_identifier": totals.no_identifier,
+            "short_paragraphs_skipped": totals.short_skipped,
+            "bad_lines": totals.bad,
+            "first_bad_lines": [{"line": line, "reason": reason, "cause": cause}
+                                for line, reason, cause in totals.first_bad],
+        })
+    cut = next(((line, cause) for line, reason, cause in totals.first_bad if reason == "truncated"), None)
+    if cut:
+        print(f"{STAGE}: warning: skipped the last line (line {cut[0]:,}): {cut[1]}; is the input an interrupted "
+              f"download? (`just download` resumes one)", file=sys.stderr)
     print(f"{STAGE}: {totals.articles:,} articles, {totals.rows:,} paragraphs, {totals.characters:,} characters "
           f"-> {output}" + (f" (bad lines: {_bad_summary(totals)})" if sum(totals.bad.values()) else ""))
     return 0

@@ -123,8 +123,9 @@ class PackedSplit:
                 raise PackedDataError(f"{path} does not match the sha256 in {info.manifest_path}; "
                                       f"run `{make} --force`")
         split_info = info.splits[split]
-        rows = np.memmap(files["tokens"], dtype=np.dtype(info.dtype), mode="r",
-                         shape=(split_info["rows"], seq_len + 1))
+        shape = (split_info["rows"], seq_len + 1)  # no rows (an empty val split): an empty file, which cannot be mapped
+        rows = np.memmap(files["tokens"], dtype=np.dtype(info.dtype), mode="r", shape=shape) if shape[0] \
+            else np.zeros(shape, dtype=np.dtype(info.dtype))
         arrays = {}
         for name, mmap_mode in (("doc_lens", "r"), ("row_offsets", None)):
             try:

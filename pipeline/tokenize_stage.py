@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline import layout
 from pipeline.errors import StageError
-from pipeline.manifest import StageRun, atomic_path, sha256_file, verify_input
+from pipeline.manifest import StageRun, atomic_path, sha256_file, tokens_section, verify_input
 from pipeline.workers import ordered_map
 
 STAGE = "tokenize"
@@ -176,16 +178,17 @@ def encode_corpus(parquet: Path, tokenizer_path: Path, val_ids: np.ndarray, out_
                   progress: bool = True) -> dict[str, SplitTotals]:
     """Write {train,val}.bin and their document indexes atomically; return per-split totals."""
     totals = {"train": SplitTotals(), "val": SplitTotals()}
-    bar = tqdm(total=n_documents, unit="doc", desc=STAGE, disable=not progress)
     start = time.perf_counter()
     chars = 0
     (train_bin, train_index), (val_bin, val_index) = (layout.token_files(out_dir, s) for s in ("train", "val"))
+    encode = functools.partial(encode_batch, eot_id, dtype)
+    batches = ordered_map(encode, document_batches(parquet, val_ids), workers, initializer=_init_worker,
+                          initargs=(str(tokenizer_path),))
     with atomic_path(train_bin) as train_tmp, atomic_path(val_bin) as val_tmp:
-        with open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file:
+        with open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file, closing(batches), \
+                tqdm(total=n_documents, unit="doc", desc=STAGE, disable=not progress) as bar:
             files = {"train": train_file, "val": val_file}
-            encode = functools.partial(encode_batch, eot_id, dtype)
-            for encoded in ordered_map(encode, document_batches(parquet, val_ids), workers,
-                                       initializer=_init_worker, initargs=(str(tokenizer_path),)):
+            for encoded in batches:
                 for is_val, name in ((False, "train"), (True, "val")):
                     split = totals[name]
                     for n_tokens, n_bytes, article_id in encoded.docs[is_val]:
@@ -203,7 +206,6 @@ def encode_corpus(parquet: Path, tokenizer_path: Path, val_ids: np.ndarray, out_
             with atomic_path(index_path) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, np.array(split.index, dtype=DOC_INDEX_DTYPE).reshape(-1))
-    bar.close()
     return totals
 
 
@@ -224,6 +226,16 @@ def load_tokenizer(path: Path):
     if missing:
         tokenizer.add_special_tokens(missing)
     return tokenizer
+
+
+def save_tokenizer(tokenizer, path: Path) -> None:
+    try:
+        tokenizer.save(str(path))
+    except Exception as err:  # tokenizers reports a failed write as a plain Exception "... (os error N)"
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1]))) from None
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, transition: int, plain: bool):
@@ -250,12 +262,13 @@ def check_parquet(path: Path) -> pq.ParquetFile:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.superbpe import EOT, PAD, SPECIAL_TOKENS
+    from pipeline.superbpe import SPECIAL_TOKENS
 
     source = args.input or layout.paragraphs_file(args.data_dir)
     out_dir = args.out_dir or layout.tokens_dir(args.data_dir)
     tokenizer_out = layout.tokenizer_file(args.data_dir) if args.out_dir is None else out_dir / "tokenizer.json"
     min_vocab = 256 + len(SPECIAL_TOKENS) + 1
+    transition = None
     if args.tokenizer is None:
         if args.vocab_size < min_vocab:
             raise StageError(f"--vocab-size {args.vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} special "
@@ -278,10 +291,17 @@ def run(args: argparse.Namespace) -> int:
         parameters = {"tokenizer": "plain-bpe" if args.plain_bpe else "superbpe", "vocab_size": args.vocab_size,
                       "transition": None if args.plain_bpe else transition, "train_bytes": args.train_bytes}
     parameters.update(val_fraction=args.val_fraction, val_min_articles=args.val_min_articles,
-                      out_dir=str(out_dir), tokenizer_out=str(tokenizer_out))
-    stage = StageRun(STAGE, args.manifests, parameters, inputs, force=args.force)
-    if not stage.start(out_dir, [out_dir, tokenizer_out.parent]):
-        return 0
+                      out_dir=Path(out_dir), tokenizer_out=Path(tokenizer_out))
+    with StageRun(STAGE, args.manifests, parameters, inputs, force=args.force, section=tokens_section) as stage:
+        if not stage.start(out_dir, [out_dir, tokenizer_out.parent]):
+            return 0
+        return tokenize(args, stage, Path(source), out_dir, tokenizer_out, transition)
+
+
+def tokenize(args: argparse.Namespace, stage: StageRun, source: Path, out_dir: Path, tokenizer_out: Path,
+             transition: int | None) -> int:
+    """Train or load the tokenizer, encode, and record it all in the stage's manifest."""
+    from pipeline.superbpe import EOT, PAD
 
     article_ids = pq.read_table(source, columns=["article_id"]).column("article_id").to_numpy()
     val_ids = choose_val_articles(article_ids, args.val_fraction, args.val_min_articles)
@@ -292,13 +312,13 @@ def run(args: argparse.Namespace) -> int:
         texts = training_texts(Path(source), val_ids, args.train_bytes)
         if not texts:
             raise StageError("no training-split text to train the tokenizer on; lower --val-fraction")
-        print(f"{STAGE}: training {parameters['tokenizer']} (vocab {args.vocab_size:,}) on "
+        print(f"{STAGE}: training {stage.parameters['tokenizer']} (vocab {args.vocab_size:,}) on "
               f"{sum(map(len, texts)):,} characters ...")
         tokenizer = train_tokenizer(texts, args.vocab_size, transition, args.plain_bpe)
         del texts
     train_seconds = time.perf_counter() - train_started
     with atomic_path(tokenizer_out) as tmp:
-        tokenizer.save(str(tmp))
+        save_tokenizer(tokenizer, tmp)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = "<u2" if vocab_size <= 1 << 16 else "<u4"
     eot_id, pad_id = tokenizer.token_to_id(EOT), tokenizer.token_to_id(PAD)

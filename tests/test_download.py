@@ -15,6 +15,7 @@ import zipfile
 
 import pytest
 
+from pipeline.locks import LOCK_FILE
 from tests.conftest import run_stage
 
 FILE = "frwiki_namespace_0/frwiki_namespace_0_0.jsonl"
@@ -101,7 +102,7 @@ def test_download_modes_give_the_same_file(workdir, kaggle_server, mode, capsys)
     kaggle_server.mode = mode
     assert run_stage("download") == 0
     assert (workdir / RAW).read_bytes() == BODY
-    assert [p.name for p in (workdir / "data/raw").iterdir()] == ["frwiki_namespace_0_0.jsonl"]
+    assert sorted(p.name for p in (workdir / "data/raw").iterdir()) == [LOCK_FILE, "frwiki_namespace_0_0.jsonl"]
     manifest = json.loads((workdir / "manifests/download.json").read_text())
     assert manifest["parameters"] == {"dataset": "wikimedia-foundation/wikipedia-structured-contents",
                                       "version": 1, "file": FILE}

@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks.synthetic_corpus import write_corpus
 from pipeline.extract import ExtractOptions, extract
+from pipeline.locks import LOCK_FILE
 from tests.conftest import article, paragraph, run_stage, section, write_jsonl
 
 
@@ -99,9 +100,10 @@ def test_bad_lines_counted_by_reason_with_line_numbers(workdir):
     assert code == 0
     assert len(read_rows(out)) == 7
     counters = json.loads((workdir / "manifests/extract-paragraphs.json").read_text())["counters"]
-    assert counters["bad_lines"] == {"invalid_json": 1, "not_utf8": 1, "not_object": 1, "truncated": 1}
-    assert counters["bad_first_line_numbers"] == {"invalid_json": [2], "not_object": [4], "not_utf8": [6],
-                                                  "truncated": [12]}
+    assert counters["bad_lines"] == {"invalid_json": 1, "not_utf8": 1, "not_object": 1, "identifier_out_of_range": 0,
+                                     "truncated": 1}
+    assert [(bad["line"], bad["reason"]) for bad in counters["first_bad_lines"]] == [
+        (2, "invalid_json"), (4, "not_object"), (6, "not_utf8"), (12, "truncated")]
 
 
 def test_too_many_bad_lines_fail_and_write_nothing(workdir, capsys):
@@ -110,12 +112,12 @@ def test_too_many_bad_lines_fail_and_write_nothing(workdir, capsys):
     assert code == 2
     message = capsys.readouterr().err.split("error: extract-paragraphs: ")[-1]
     assert "max-bad-fraction" in message and message.count("\n") == 1 and message.endswith("\n")
-    assert not out.exists() and not list(out.parent.glob(".*"))
+    assert not out.exists() and not list(out.parent.glob(".*.tmp-*"))
     assert not (workdir / "manifests/extract-paragraphs.json").exists()
 
 
 @pytest.mark.parametrize("content,message", [(b"", "is empty"), (b"PAR1\x00\x00", "Parquet"),
-                                             (b"\x1f\x8b\x08\x00", "compressed"),
+                                             (b"PK\x03\x04", "zip archive"), (b"\x1f\x8b\x08\x00", "damaged or cut gzip"),
                                              (b'{"a": 1}\n', "no frwiki article")])
 def test_wrong_kind_of_file(workdir, capsys, content, message):
     (workdir / "in.jsonl").write_bytes(content)
@@ -170,7 +172,7 @@ def test_interrupted_write_leaves_nothing_at_final_path(workdir, monkeypatch):
     code = run_stage("extract-paragraphs", "--input", "in.jsonl", "--workers", "1", "--chunk-bytes", "50000")
     assert code == 130
     out_dir = workdir / "data/paragraphs"
-    assert not (out_dir / "paragraphs.parquet").exists() and not list(out_dir.iterdir())
+    assert [path.name for path in out_dir.iterdir()] == [LOCK_FILE]  # the lock stays, unlocked
 
 
 def test_output_identical_for_any_worker_count(tmp_path):
