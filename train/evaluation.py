@@ -40,8 +40,9 @@ from pipeline import HelpFormatter
 from pipeline.manifest import sha256_file, write_json_atomic
 from pipeline.packed import PackedSplit, best_fit_decreasing, cut_documents
 from train import checkpoint
-from train.config import PrecisionConfig, from_dict
+from train.config import PrecisionConfig, RunConfig, from_dict
 from train.export import EOT, PAD, ExportError, Source, export, find_checkpoint, load_checked, require_transformers
+from train.loss import Loss
 from train.precision import Precision
 from train.trainer import Distributed, evaluate
 
@@ -164,7 +165,9 @@ def bits_per_byte(scored: Scored, documents: list[str], device: torch.device) ->
         raise EvalError(f"--seq-len {scored.seq_len} exceeds the model's {scored.max_positions} positions")
     split = pack_text(documents, scored)
     precision = Precision(PrecisionConfig(mode="bf16" if device.type == "cuda" else "fp32"), device)
-    result = evaluate(scored.model, split, precision, scored.micro_batch, 0, scored.doc_mask, device, Distributed())
+    loss = Loss(RunConfig(), scored.model, compiled=False)  # the plain loss: the same sum, whatever the run used
+    result = evaluate(scored.model, loss, split, precision, scored.micro_batch, 0, scored.doc_mask, device,
+                      Distributed())
     return {"documents": split.documents, "utf8_bytes": split.utf8_bytes, "rows": split.n_rows,
             "seq_len": split.seq_len, "tokens": int(result["val_tokens"]), "loss_nats_per_token": result["val_loss"],
             "perplexity": math.exp(result["val_loss"]), "bits_per_byte": result["val_bpb"],
