@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import build_packed_corpus
+from train import checkpoint
 from train.__main__ import main as train_main
 from train.config import ConfigError, RunConfig, from_dict, load
 from train.loss import ChunkedLinearCrossEntropy, Loss, chunk_loss_and_gradient
@@ -82,11 +83,13 @@ def test_loss_settings_are_checked(run, message):
 
 
 def write_tiny_config(path, micro_batch: int | str = 8):
-    """A two-layer model, one stage of 32-token rows, optimizer steps of 512 tokens."""
+    """A two-layer model, one stage of 32-token rows, optimizer steps of 512 tokens at a learning rate
+    large enough for a wrong gradient to show within a few steps."""
     tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
     micro_batch = f'"{micro_batch}"' if isinstance(micro_batch, str) else micro_batch
     path.write_text(f'extends = "{tiny}"\n[model]\nn_layers = 2\nd_model = 32\nn_heads = 2\nn_kv_heads = 1\n'
-                    f'ffn_dim = 64\n[optim]\ntokens_per_step = 512\n[run]\nlog_every = 1\neval_rows = 16\n'
+                    f'ffn_dim = 64\n[optim]\ntokens_per_step = 512\nwarmup_tokens = 512\nlr = 1e-2\n[run]\nlog_every = 1\n'
+                    f'eval_rows = 16\n'
                     f'[[curriculum]]\nseq_len = 32\ntokens = 2048\nmicro_batch = {micro_batch}\n')
     return path
 
@@ -110,3 +113,27 @@ def test_training_with_the_chunked_loss_matches_the_plain_loss(tmp_path):
     for (plain, plain_val), (chunked, chunked_val) in zip(curves["plain"], curves["chunked"]):
         assert chunked == pytest.approx(plain, abs=1e-4)
         assert (chunked_val is None) == (plain_val is None) and chunked_val == pytest.approx(plain_val, abs=1e-4)
+
+
+def test_chunked_loss_under_two_process_ddp_matches_one_process(tmp_path):
+    """The head's weight is used outside the DDP module's forward: its gradient is still averaged."""
+    import os
+    import subprocess
+    import sys
+
+    packed = build_packed_corpus(tmp_path, 400_000, 31, 384, "32")
+    config = write_tiny_config(tmp_path / "tiny2.toml")
+    settings = ['--set=run.loss="chunked"', "--set=run.eval_every=1000"]
+    assert train_tiny(packed, config, "one", *[s.removeprefix("--set=") for s in settings]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "train",
+               "--config", str(config), "--data-dir", str(packed / "data"), "--manifests", str(packed / "manifests"),
+               "--out-dir", str(packed / "runs"), "--device", "cpu", "--run-name", "two", *settings]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = ([json.loads(line)["loss"] for line in (packed / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+    assert len(two) == 4 and two == pytest.approx(one, rel=2e-3)
+    heads = [checkpoint.load(packed / "runs" / run / "checkpoints" / "step_0000004").weights["lm_head.weight"]
+             for run in ("one", "two")]
+    assert torch.allclose(heads[0], heads[1], atol=1e-5)  # rank 0 applied the same averaged gradient
