@@ -244,7 +244,7 @@ def test_new_tokens_beyond_the_context_are_capped_saying_so(trained, capsys):
     (["--top-p", "1.5"], "--top-p must be above 0"),
     (["--top-k", "-3"], "--top-k must be 0"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+    (["--device", "gpu0"], "--device gpu0: expected cpu, cuda or cuda:N"),
 ])
 def test_bad_options_are_one_line_errors(trained, capsys, argv, message):
     assert_one_line_error(*sample(trained, capsys, *argv), message)
@@ -284,3 +284,27 @@ def test_bench_sample_prints_a_row_per_batch_size(capsys):
                               "--new-tokens", "4", "--devices", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "| CPU, FP32 | eager | 1 |" in out and "| CPU, FP32 | eager | 64 |" in out
+
+
+def test_the_runs_tokenizer_is_found_from_another_directory(trained, tmp_path, monkeypatch, capsys):
+    """A run trained with relative data_dir and out_dir is sampled from elsewhere without --tokenizer."""
+    import shutil
+
+    from pipeline import layout
+
+    root = tmp_path / "project"
+    tokenizer = layout.tokenizer_file(root / "mydata")
+    tokenizer.parent.mkdir(parents=True)
+    shutil.copyfile(trained / "tokenizer.json", tokenizer)
+    found = checkpoint.load(trained / "checkpoints" / "best")
+    config = {**found.config, "data": {**found.config["data"], "data_dir": "mydata"},
+              "run": {**found.config["run"], "out_dir": "out/runs"}}
+    meta = {"vocab_size": found.vocab_size, "tokenizer_sha256": found.tokenizer_sha256, "config": config}
+    checkpoint.save(root / "out/runs/r/checkpoints", 1, found.weights, meta, {}, 1, is_best=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code = main(["--checkpoint", str(root / "out/runs/r/checkpoints/best"), "--device", "cpu", "--prompt", "a",
+                 "--max-new-tokens", "3"])
+    assert code == 0, capsys.readouterr().err
+

@@ -139,24 +139,13 @@ def resolve_run(args: argparse.Namespace, say) -> tuple[Path, TrainConfig, int |
 
 
 def resolve_device(name: str | None, local_rank: int):
-    """The device to train on: cpu, cuda or cuda:N, checked here so a typo or a missing GPU is one line."""
-    import torch
+    """The device to train on, checked here so a typo or a missing GPU is one line."""
+    from train.devices import resolve_device as resolve
 
-    if name is None:
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
-    return device
+        return resolve(name, local_rank)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 @contextmanager

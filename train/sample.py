@@ -32,7 +32,7 @@ from torch import nn
 
 from pipeline import HelpFormatter, layout
 from pipeline.manifest import sha256_file
-from train import checkpoint
+from train import checkpoint, devices
 from train.config import ConfigError, TrainConfig, from_dict
 from train.model import KVCache, Transformer
 from train.precision import Precision
@@ -319,23 +319,28 @@ def sample_text(decoder: Decoder, tokenizer, prompt: str, settings: SampleSettin
     return result
 
 
+def run_tokenizer(found: checkpoint.Checkpoint) -> Path:
+    """The tokenizer of the run's data folder. A relative data_dir was relative to where the run was
+    trained, which the checkpoint's place tells: it lies in OUT_DIR/NAME/checkpoints/, so sampling
+    from another directory finds the same file."""
+    data_dir = Path(found.config["data"]["data_dir"])
+    here = layout.tokenizer_file(data_dir)
+    out_dir = Path(found.config["run"]["out_dir"])
+    if here.is_file() or data_dir.is_absolute() or out_dir.is_absolute():
+        return here
+    root = Path(found.path).resolve().parent.parent.parent  # OUT_DIR, from OUT_DIR/NAME/checkpoints/CHECKPOINT
+    for _ in out_dir.parts:
+        root = root.parent
+    trained_there = layout.tokenizer_file(root / data_dir)
+    return trained_there if trained_there.is_file() else here
+
+
 def resolve_device(name: str | None) -> torch.device:
     """--device as a torch device this machine has: cpu, cuda or cuda:N (default: cuda when available)."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise SampleError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise SampleError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-        if (device.index or 0) >= count:
-            raise SampleError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
-    return device
+        return devices.resolve_device(name)
+    except ValueError as err:
+        raise SampleError(str(err)) from None
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -394,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
     if not path.exists():
         raise SampleError(f"no checkpoint at {path}; train first (`just train --run {args.run}`) or pass --checkpoint")
     model, found = load_model(path, device)
-    tokenizer_path = args.tokenizer or layout.tokenizer_file(found.config["data"]["data_dir"])
+    tokenizer_path = args.tokenizer or run_tokenizer(found)
     if not tokenizer_path.is_file():
         raise SampleError(f"tokenizer {tokenizer_path} not found; pass --tokenizer")
     if sha256_file(tokenizer_path) != found.tokenizer_sha256:
