@@ -24,6 +24,24 @@ def paragraphs_file(data_dir: Path) -> Path:
     return Path(data_dir) / "paragraphs" / "paragraphs.parquet"
 
 
+def paragraphs_dir(data_dir: Path) -> Path:
+    """The Wikipedia paragraphs: one Parquet part per downloaded shard (see pipeline/paragraphs.py)."""
+    return Path(data_dir) / "paragraphs"
+
+
+def corpora_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "corpora"
+
+
+def corpus_dir(data_dir: Path, name: str) -> Path:
+    """An added corpus (`add-corpus NAME`): Parquet parts in the paragraphs format."""
+    return corpora_dir(data_dir) / name
+
+
+def stats_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "stats"
+
+
 def tokenizer_file(data_dir: Path) -> Path:
     return Path(data_dir) / "tokenizer" / "tokenizer.json"
 
