@@ -9,9 +9,8 @@ compilation, whose seconds it also gives) and, per sample, the mean token entrop
 How, on a GPU (gpt-fast's recipe): the weights of every projection are cast to BF16 once at load
 (autocast then has nothing to re-cast on each call); the KV cache is allocated once for the batch;
 the prompts are prefilled in one forward; then every new token is one decode step of fixed shapes
-(the forward of the previous token, temperature, top-k, top-p and the draw) compiled and captured
-as a CUDA graph (`torch.compile(mode="reduce-overhead")`), drawing from a torch.Generator on the
-device. The host reads the sampled ids every few tokens only, to stream them and to see which
+(the compiled forward of the previous token, temperature, top-k, top-p and the draw) captured as
+one CUDA graph and replayed, drawing from a torch.Generator on the device. The host reads the sampled ids every few tokens only, to stream them and to see which
 rows have ended. On the CPU the same steps run eagerly in FP32. A checkpoint trained in FP8 loads
 its FP32 master weights into plain torch modules.
 """
@@ -130,7 +129,8 @@ def choose(logits: torch.Tensor, noise: torch.Tensor | None, temperature: float,
     after temperature, top-k and top-p (the smallest set of tokens whose mass reaches top_p).
 
     The draw is argmax(p / E) with E ~ Exp(1) drawn per token (`noise`, B x V): it picks token i
-    with probability p_i, like torch.multinomial, without a host sync."""
+    with probability p_i, like torch.multinomial, without a host sync. It is computed as
+    argmax(logit - log E), the same argmax without the softmax (its normaliser is common to a row)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -140,9 +140,17 @@ def choose(logits: torch.Tensor, noise: torch.Tensor | None, temperature: float,
     if top_p < 1:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, -1)
-        outside = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches p
+        outside = mass_before(probs) >= top_p  # the mass before a token already reaches p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
-    return (torch.softmax(logits, -1) / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1)
+    return (logits - noise.clamp_min(torch.finfo(noise.dtype).tiny).log()).argmax(-1)
+
+
+@torch.compiler.disable
+def mass_before(probs: torch.Tensor) -> torch.Tensor:
+    """The probability mass before each token of rows sorted by probability (B, V). Left out of
+    the compiled sampling: torch 2.11's Inductor fails to compile this cumulative sum over a batch
+    of 65,536-token rows (a split scan); eager, it is one library kernel."""
+    return probs.cumsum(-1) - probs
 
 
 def next_tokens(logits: torch.Tensor, noise: torch.Tensor | None, vocab_size: int, temperature: float, top_k: int,
@@ -154,20 +162,17 @@ def next_tokens(logits: torch.Tensor, noise: torch.Tensor | None, vocab_size: in
     return choose(logits, noise, temperature, top_k, top_p), -(log_probs.exp() * log_probs).sum(-1)
 
 
-def decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                noise: torch.Tensor | None, vocab_size: int, temperature: float, top_k: int,
-                top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One new token per row: the forward of each row's last token (B, 1) at its position (B,),
-    then the choice. Shapes never change from step to step: what a CUDA graph can capture. Runs
-    under the caller's autocast, as the trainer's compiled forward does."""
-    logits = model(tokens, cache=cache, positions=positions[:, None])[:, -1]
-    return next_tokens(logits, noise, vocab_size, temperature, top_k, top_p)
+def decode_logits(model: Transformer, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The logits (B, V) of each row's last token (B, 1) at its position (B,), through the cache.
+    Shapes never change from step to step: one compilation serves every step. Runs under the
+    caller's autocast, as the trainer's compiled forward does."""
+    return model(tokens, cache=cache, positions=positions[:, None])[:, -1]
 
 
 class Decoder:
-    """Generation for one model and batch size: the static KV cache, the buffers the decode step
-    reads, and the step itself (compiled on a GPU), kept from call to call so the CUDA graph is
-    captured once.
+    """Generation for one model and batch size: the static KV cache, the buffers a decode step
+    reads and advances, and on a GPU the step captured as a CUDA graph, kept from call to call so
+    each sampling setting is captured once.
 
     Prompts of different lengths share a batch right-padded, exactly: row b's prompt of n_b tokens
     is prefilled at positions 0..n_b-1 (causal attention: no prompt token sees the padding after
@@ -175,19 +180,29 @@ class Decoder:
     token at its own position n_b+s, in its own cache slot, seeing slots 0..n_b+s only; a padding
     slot is overwritten by the row's own token before the row can see it. Each row thus computes
     what it would alone. Rows that ended keep stepping (the shapes stay fixed) and are ignored;
-    a batch smaller than `batch_size` is filled with one-token dummy rows."""
+    a batch smaller than `batch_size` is filled with one-token dummy rows.
+
+    Why a CUDA graph of our own rather than `torch.compile(mode="reduce-overhead")`: that mode
+    checks the guards and the cudagraph tree's bookkeeping of ~100 inputs on every call, about as
+    long as the step's GPU work at batch 1 (H100, `small`: 1.06 ms per step for 0.55 ms on the
+    GPU). Here the forward and the sampling are compiled (Inductor fuses their small kernels) and
+    all of it, the advance of the tokens and positions included, is one graph that a step replays
+    with a single launch."""
 
     def __init__(self, model: Transformer, batch_size: int, max_len: int | None = None, vocab_size: int | None = None,
                  compile: bool | None = None):
         """max_len: the cache's slots, at least the longest prompt plus the new tokens (default:
         the model's context). vocab_size: the tokenizer's (default: the model's padded one).
-        compile: the decode step as a CUDA graph (default: on a GPU)."""
+        compile: compile the forward and capture the step as a CUDA graph (default and only on a GPU)."""
         self.model = model
         self.device = next(model.parameters()).device
         self.batch_size = batch_size
         self.max_len = max_len or model.max_positions
         if self.max_len > model.max_positions:
             raise SampleError(f"a cache of {self.max_len} slots exceeds the model's context ({model.max_positions})")
+        self.compiled = self.device.type == "cuda" if compile is None else compile
+        if self.compiled and self.device.type != "cuda":
+            raise SampleError("--compile captures the decode step as a CUDA graph: it needs a GPU (--device cuda)")
         self.vocab_size = vocab_size or model.vocab_size
         cfg = model.cfg
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # what autocast hands k and v
@@ -196,16 +211,45 @@ class Decoder:
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.noise = torch.empty(batch_size, self.vocab_size, device=self.device)
-        self.compiled = self.device.type == "cuda" if compile is None else compile
-        self.step = decode_step
-        if self.compiled:
-            for tensor in (*self.cache.k, *self.cache.v, self.cache.rows, self.cache.slots, self.tokens,
-                           self.positions, self.noise):
-                torch._dynamo.mark_static_address(tensor)  # read and written in place by the CUDA graph
-            self.step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        self.forward = torch.compile(decode_logits, fullgraph=True, dynamic=False) if self.compiled else decode_logits
+        self.next_tokens = torch.compile(next_tokens, dynamic=False) if self.compiled else next_tokens
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         # The host reads the sampled ids every this many tokens: on a GPU each read waits for the
         # device, on the CPU it costs nothing and streams token by token.
-        self.read_every = 8 if self.device.type == "cuda" else 1
+        self.read_every = 16 if self.device.type == "cuda" else 1
+
+    def step(self, noise: torch.Tensor | None, sampling: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new token per row from `self.tokens` at `self.positions` (its id (B,) and entropy (B,)),
+        which then become the new token and the next position."""
+        logits = self.forward(self.model, self.cache, self.tokens, self.positions)
+        token, entropy = self.next_tokens(logits, noise, *sampling)
+        self.tokens.copy_(token[:, None])
+        self.positions.add_(1)
+        return token, entropy
+
+    def graphed_step(self, noise: torch.Tensor | None, sampling: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` as a replay of its CUDA graph, captured on first use for these sampling settings.
+
+        The capture follows torch.cuda.graph's rules: one warm-up step on a side stream first
+        (compilation, autotuning, library handles), autocast without its weight cache. The warm-up
+        computes the real step (same token, same slot written), then its advance is undone."""
+        if sampling not in self.graphs:
+            tokens, positions = self.tokens.clone(), self.positions.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                with torch.cuda.stream(side):
+                    self.step(noise, sampling)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                self.tokens.copy_(tokens)
+                self.positions.copy_(positions)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    token, entropy = self.step(noise, sampling)
+            self.graphs[sampling] = graph, token, entropy
+        graph, token, entropy = self.graphs[sampling]
+        graph.replay()
+        return token, entropy
 
     def warm_up(self, settings: SampleSettings) -> float:
         """Compile and capture the decode step for these settings before anything is timed; seconds."""
@@ -244,6 +288,7 @@ class Decoder:
             if noise is not None:
                 noise.exponential_(generator=generator)
             out[:, 0], entropy[:, 0] = next_tokens(logits, noise, *sampling)
+            self.tokens.copy_(out[:, :1])
             self.positions.copy_(lengths)
             read, stop = 0, steps
             for s in range(1, steps):
@@ -252,14 +297,10 @@ class Decoder:
                     if all(ended):
                         stop = s
                         break
-                self.tokens.copy_(out[:, s - 1:s])
                 if noise is not None:
                     noise.exponential_(generator=generator)
-                if self.compiled:
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs were copied out
-                token, step_entropy = self.step(self.model, self.cache, self.tokens, self.positions, noise, *sampling)
+                token, step_entropy = (self.graphed_step if self.compiled else self.step)(noise, sampling)
                 out[:, s], entropy[:, s] = token, step_entropy
-                self.positions.add_(1)
         self.read(out, read, stop, kept, ended, eot_id, on_tokens)
         seconds = time.perf_counter() - start
         entropies = [row[:len(ids) + done] for row, ids, done in zip(entropy[:count, :stop].tolist(), kept, ended)]
@@ -375,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile the decode step and capture it as a CUDA graph: tens of seconds once, then "
-                             "far faster steps (default: on a GPU)")
+                        help="compile the forward and capture the decode step as a CUDA graph (GPU only): tens of "
+                             "seconds once, then far faster steps (default: on a GPU)")
     args = parser.parse_args(argv)
     try:
         return run(args)
