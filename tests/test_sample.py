@@ -56,12 +56,18 @@ def test_a_batch_of_prompts_of_different_lengths_matches_each_prompt_alone():
     assert again.tokens == batch.tokens[::-1]
 
 
-def test_each_row_stops_at_its_own_end_of_text():
+@pytest.mark.parametrize("read_every", [1, 4, 7])
+def test_each_row_stops_at_its_own_end_of_text(read_every):
+    """Whatever the window the host reads the ids in (a GPU's is 16, each read one window late),
+    each row is cut at its own end-of-text and streamed whole."""
     model = tiny_model()
     prompts = [[0, 7], [0, 5, 17, 42]]
     full = [greedy_uncached(model, prompt, 30) for prompt in prompts]
     eot = full[0][3]
-    batch = Decoder(model, 2).generate(prompts, GREEDY, eot_id=eot)
+    decoder, streamed = Decoder(model, 2), []
+    decoder.read_every = read_every
+    batch = decoder.generate(prompts, GREEDY, eot_id=eot, on_tokens=lambda rows: streamed.append([*map(len, rows)]))
+    assert streamed[-1] == [*map(len, batch.tokens)] and streamed == sorted(streamed)
     expected = [row[:row.index(eot)] if eot in row else row for row in full]
     assert batch.tokens == expected and len(expected[0]) == full[0].index(eot)
     assert [len(e) for e in batch.entropies] == [len(row) + (eot in f) for row, f in zip(expected, full)]

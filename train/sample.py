@@ -10,8 +10,9 @@ How, on a GPU (gpt-fast's recipe): the weights of every projection are cast to B
 (autocast then has nothing to re-cast on each call); the KV cache is allocated once for the batch;
 the prompts are prefilled in one forward; then every new token is one decode step of fixed shapes
 (the compiled forward of the previous token, temperature, top-k, top-p and the draw) captured as
-one CUDA graph and replayed, drawing from a torch.Generator on the device. The host reads the sampled ids every few tokens only, to stream them and to see which
-rows have ended. On the CPU the same steps run eagerly in FP32. A checkpoint trained in FP8 loads
+one CUDA graph and replayed, drawing from a torch.Generator on the device. The host reads the
+sampled ids every few tokens, a window behind the device, to stream them and to see which rows
+have ended. On the CPU the same steps run eagerly in FP32. A checkpoint trained in FP8 loads
 its FP32 master weights into plain torch modules.
 """
 
@@ -214,8 +215,7 @@ class Decoder:
         self.forward = torch.compile(decode_logits, fullgraph=True, dynamic=False) if self.compiled else decode_logits
         self.next_tokens = torch.compile(next_tokens, dynamic=False) if self.compiled else next_tokens
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        # The host reads the sampled ids every this many tokens: on a GPU each read waits for the
-        # device, on the CPU it costs nothing and streams token by token.
+        # The host reads the sampled ids every this many tokens (see IdReader): on the CPU token by token.
         self.read_every = 16 if self.device.type == "cuda" else 1
 
     def step(self, noise: torch.Tensor | None, sampling: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +278,7 @@ class Decoder:
         generator = torch.Generator(device).manual_seed(settings.seed)
         out = torch.empty(B, steps, dtype=torch.long, device=device)
         entropy = torch.empty(B, steps, device=device)
-        kept, ended = [[] for _ in prompts], [False] * count
+        reader = IdReader(out, count, eot_id, on_tokens)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -290,37 +290,72 @@ class Decoder:
             out[:, 0], entropy[:, 0] = next_tokens(logits, noise, *sampling)
             self.tokens.copy_(out[:, :1])
             self.positions.copy_(lengths)
-            read, stop = 0, steps
+            stop = steps
             for s in range(1, steps):
                 if s % self.read_every == 0:
-                    read = self.read(out, read, s, kept, ended, eot_id, on_tokens)
-                    if all(ended):
+                    reader.fetch(s)
+                    if all(reader.ended):
                         stop = s
                         break
                 if noise is not None:
                     noise.exponential_(generator=generator)
                 token, step_entropy = (self.graphed_step if self.compiled else self.step)(noise, sampling)
                 out[:, s], entropy[:, s] = token, step_entropy
-        self.read(out, read, stop, kept, ended, eot_id, on_tokens)
+        reader.fetch(stop)
+        reader.finish()
         seconds = time.perf_counter() - start
-        entropies = [row[:len(ids) + done] for row, ids, done in zip(entropy[:count, :stop].tolist(), kept, ended)]
-        return Batch(kept, entropies, seconds)
+        entropies = [row[:len(ids) + done]
+                     for row, ids, done in zip(entropy[:count, :stop].tolist(), reader.kept, reader.ended)]
+        return Batch(reader.kept, entropies, seconds)
 
-    @staticmethod
-    def read(out: torch.Tensor, start: int, stop: int, kept: list[list[int]], ended: list[bool], eot_id: int | None,
-             on_tokens: Callable[[list[list[int]]], None] | None) -> int:
-        """Bring the ids of steps start..stop to the host (a sync on a GPU), cut each row at its end."""
-        for row, ids in enumerate(out[:len(kept), start:stop].tolist()):
-            for token in ids:
-                if ended[row]:
+
+class IdReader:
+    """The sampled ids brought to the host window by window, one window behind the device.
+
+    A window's copy starts when its last step has been launched (into pinned memory, with an
+    event, on a GPU) and is read when the next window is launched, by which time the GPU has
+    finished it: the host neither waits for the device nor leaves it idle while it decodes and
+    streams text. A row ended by `eot_id` is thus seen one window late; its extra steps are dropped."""
+
+    def __init__(self, out: torch.Tensor, count: int, eot_id: int | None,
+                 on_tokens: Callable[[list[list[int]]], None] | None):
+        self.out, self.count, self.eot_id, self.on_tokens = out, count, eot_id, on_tokens
+        self.kept: list[list[int]] = [[] for _ in range(count)]
+        self.ended = [False] * count
+        self.fetched = 0
+        self.pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def fetch(self, stop: int) -> None:
+        """Start bringing the steps fetched..stop to the host; read the window fetched before."""
+        ids = self.out[:self.count, self.fetched:stop]
+        event = None
+        if ids.is_cuda:
+            ids, event = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True).copy_(ids, non_blocking=True), \
+                torch.cuda.Event()
+            event.record()
+        previous, self.pending, self.fetched = self.pending, (ids, event), stop
+        if previous is not None:
+            self.take(*previous)
+
+    def finish(self) -> None:
+        """Read the last window (a wait for the device)."""
+        if self.pending is not None:
+            self.take(*self.pending)
+            self.pending = None
+
+    def take(self, ids: torch.Tensor, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            event.synchronize()
+        for row, row_ids in enumerate(ids.tolist()):
+            for token in row_ids:
+                if self.ended[row]:
                     break
-                if token == eot_id:
-                    ended[row] = True
+                if token == self.eot_id:
+                    self.ended[row] = True
                 else:
-                    kept[row].append(token)
-        if on_tokens is not None:
-            on_tokens(kept)
-        return stop
+                    self.kept[row].append(token)
+        if self.on_tokens is not None:
+            self.on_tokens(self.kept)
 
 
 def repeated_4gram_rate(tokens: list[int]) -> float:
