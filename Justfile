@@ -21,6 +21,10 @@ extract-paragraphs *args:
 add-corpus *args:
     {{python}} -m pipeline add-corpus "$@"
 
+# a report on the paragraphs with polars (sizes per source and part, lengths, duplicates, boilerplate) -> data/stats/
+stats *args:
+    {{python}} -m pipeline stats "$@"
+
 # train (or load) a SuperBPE tokenizer and encode the paragraphs into data/tokens/
 tokenize *args:
     {{python}} -m pipeline tokenize "$@"
