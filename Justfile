@@ -17,6 +17,14 @@ download *args:
 extract-paragraphs *args:
     {{python}} -m pipeline extract-paragraphs "$@"
 
+# add a corpus through Hugging Face `datasets` as data/corpora/NAME/: just add-corpus NAME --hf DATASET (or --files, --from-disk)
+add-corpus *args:
+    {{python}} -m pipeline add-corpus "$@"
+
+# a report on the paragraphs with polars (sizes per source and part, lengths, duplicates, boilerplate) -> data/stats/
+stats *args:
+    {{python}} -m pipeline stats "$@"
+
 # train (or load) a SuperBPE tokenizer and encode the paragraphs into data/tokens/
 tokenize *args:
     {{python}} -m pipeline tokenize "$@"

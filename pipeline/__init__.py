@@ -1,4 +1,4 @@
-"""The data pipeline: download, extract-paragraphs, tokenize, pack (`python -m pipeline STAGE`)."""
+"""The data pipeline: download, extract-paragraphs, add-corpus, stats, tokenize, pack (`python -m pipeline STAGE`)."""
 
 from __future__ import annotations
 

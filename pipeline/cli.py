@@ -23,6 +23,8 @@ from pipeline.errors import StageError, describe_os_error
 STAGES = {  # command -> module (each exposes add_arguments and run)
     "download": "pipeline.download",
     "extract-paragraphs": "pipeline.extract",
+    "add-corpus": "pipeline.add_corpus",
+    "stats": "pipeline.stats",
     "tokenize": "pipeline.tokenize_stage",
     "pack": "pipeline.pack",
 }

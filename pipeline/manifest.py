@@ -125,6 +125,8 @@ def rerun_command(path: Path) -> str:
     stage = Path(path).stem
     if stage.startswith("pack-seq"):
         return f"just pack --seq-len {stage.removeprefix('pack-seq')}"
+    if stage.startswith("corpus-"):
+        return f"just add-corpus {stage.removeprefix('corpus-')} --hf|--files|--from-disk ..."
     return f"just {stage}"
 
 
@@ -302,7 +304,7 @@ def verify_input(path: Path, manifests_dir: Path, *, producer_required: str | No
     found = find_producer(path, manifests_dir)
     if not path.is_file():
         stage = found[0] if found else producer_required
-        hint = f"; run `just {stage}` first" if stage else ""
+        hint = f"; run `{rerun_command(Path(stage))}` first" if stage else ""
         raise StageError(f"input {path} does not exist{hint}")
     if found is None:
         if producer_required:
