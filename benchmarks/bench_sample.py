@@ -4,10 +4,10 @@ The model is a checkpoint (--checkpoint) or, by default, a randomly initialised 
 at --vocab-size: random weights generate at the speed trained ones do. Every row gets a random
 prompt of --prompt-tokens tokens and generates exactly --new-tokens tokens (no end-of-text stop),
 sampling as `just sample` does by default (temperature 0.8, top-p 0.95). Each measurement follows
-a warm-up call on the same decoder (compilation and CUDA graph capture on the GPU, excluded; its
-seconds are shown) and counts the prefill: tokens/s = rows x new tokens / seconds. On the GPU the
-decode step runs both eagerly and compiled as a CUDA graph (what `just sample` does there), to
-show what the graph buys; on the CPU eagerly (FP32).
+a warm-up call on the same decoder (compilation and CUDA graph capture on the GPU, and a first
+prefill at the prompts' length; excluded, its seconds shown) and counts the prefill: tokens/s =
+rows x new tokens / seconds. On the GPU the decode step runs both eagerly and compiled as a CUDA
+graph (what `just sample` does there), to show what the graph buys; on the CPU eagerly (FP32).
 
 Targets (H100, `small`, 65,536-token vocabulary, BF16): at least 1,500 new tokens/s at batch 1 and
 30,000 summed over a batch of 64.
@@ -29,7 +29,7 @@ def measure(model, vocab_size: int, batch: int, prompt_tokens: int, new_tokens: 
 
     decoder = Decoder(model, batch, prompt_tokens + new_tokens, vocab_size, compile)
     settings = SampleSettings(max_new_tokens=new_tokens)
-    warm_up = decoder.warm_up(settings)
+    warm_up = decoder.warm_up(settings, prompt_tokens)
     prompts = torch.randint(0, vocab_size, (batch, prompt_tokens), generator=torch.Generator().manual_seed(batch))
     result = decoder.generate(prompts.tolist(), settings)  # no end-of-text id: every row runs to the end
     return ["compiled, CUDA graph" if compile else "eager", str(batch), f"{result.tokens_per_s:,.0f}",

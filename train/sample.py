@@ -170,6 +170,9 @@ def decode_logits(model: Transformer, cache: KVCache, tokens: torch.Tensor, posi
     return model(tokens, cache=cache, positions=positions[:, None])[:, -1]
 
 
+PREFILL_MULTIPLE = 32  # prompts are right-padded to a multiple of this many tokens (Decoder.prefill_width)
+
+
 class Decoder:
     """Generation for one model and batch size: the static KV cache, the buffers a decode step
     reads and advances, and on a GPU the step captured as a CUDA graph, kept from call to call so
@@ -251,11 +254,21 @@ class Decoder:
         graph.replay()
         return token, entropy
 
-    def warm_up(self, settings: SampleSettings) -> float:
-        """Compile and capture the decode step for these settings before anything is timed; seconds."""
+    def warm_up(self, settings: SampleSettings, prompt_tokens: int = 1) -> float:
+        """Compile and capture the decode step for these settings, and run a prefill of prompts of
+        `prompt_tokens` tokens, before anything is timed; seconds. The first prefill of a shape
+        costs far more than the next ones (H100, `small`: 45-800 ms against 10 ms: library plans
+        and kernel choices made once per shape), so the warm-up takes the prompts' own."""
         start = time.perf_counter()
-        self.generate([[0]], replace(settings, max_new_tokens=min(4, self.max_len - 1)))
+        steps = min(4, self.max_len - prompt_tokens)
+        self.generate([[0] * prompt_tokens], replace(settings, max_new_tokens=steps))
         return time.perf_counter() - start
+
+    def prefill_width(self, longest: int) -> int:
+        """The prefill's length for prompts of at most `longest` tokens: rounded up to a multiple of
+        PREFILL_MULTIPLE (within the cache), so that batches of prompts of different lengths share a
+        few shapes, each paying its first-time cost once. Right padding is exact (see the class)."""
+        return min(self.max_len, -(-longest // PREFILL_MULTIPLE) * PREFILL_MULTIPLE)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], settings: SampleSettings, eot_id: int | None = None,
@@ -271,7 +284,8 @@ class Decoder:
             raise SampleError(f"a prompt of {longest} tokens and {steps} new ones exceed the cache's {self.max_len} "
                               "slots")
         B, device = self.batch_size, self.device
-        rows = [p + [0] * (longest - len(p)) for p in prompts] + [[0] * longest] * (B - count)
+        width = self.prefill_width(longest)
+        rows = [p + [0] * (width - len(p)) for p in prompts] + [[0] * width] * (B - count)
         lengths = torch.tensor([len(p) for p in prompts] + [1] * (B - count), device=device)
         sampling = (self.vocab_size, settings.temperature, settings.top_k, settings.top_p)
         noise = self.noise if settings.temperature > 0 else None
@@ -500,7 +514,7 @@ def run(args: argparse.Namespace) -> int:
     warm_up = None
     if decoder.compiled:
         print("sample: compiling the decode step into a CUDA graph (once per run)...", file=sys.stderr, flush=True)
-        warm_up = round(decoder.warm_up(settings), 1)
+        warm_up = round(decoder.warm_up(settings, max(map(len, prompts[:decoder.batch_size]))), 1)
     if args.prompts is None:
         sys.stdout.write(texts[0])
         result = sample_text(decoder, tokenizer, texts[0], settings, eot_id, sys.stdout)
