@@ -9,7 +9,7 @@ python := env_var_or_default("VIRTUAL_ENV", justfile_directory() / ".venv") / "b
 default:
     @just --list
 
-# fetch frwiki_namespace_0_0.jsonl from Kaggle (version 1) into data/raw/ (--from PATH takes a local copy)
+# fetch frwiki shards from Kaggle (version 1) into data/raw/: _0 alone, --files 0-3,7 or --all; --source hf, --from PATH
 download *args:
     {{python}} -m pipeline download "$@"
 

@@ -87,15 +87,19 @@ def code_version() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; rename it into place only if the block succeeds."""
+def atomic_path(final: Path, *, undo_on_failure: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it into place only if the block succeeds.
+
+    Inside a `StageRun`, a file renamed into place is removed again when the run fails, unless
+    `undo_on_failure` is False: a file complete and checked on its own (a downloaded shard) stays,
+    so that a rerun resumes from it."""
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         renamed = _renamed.get()
-        if renamed is not None:
+        if renamed is not None and undo_on_failure:
             renamed.append(final)
         os.replace(tmp, final)
     except OSError as err:
