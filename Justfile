@@ -13,11 +13,11 @@ default:
 download *args:
     {{python}} -m pipeline download "$@"
 
-# write every paragraph of the JSONL to data/paragraphs/paragraphs.parquet
+# write the paragraphs of every downloaded shard to data/paragraphs/part-NNNNN.parquet, exact duplicates removed
 extract-paragraphs *args:
     {{python}} -m pipeline extract-paragraphs "$@"
 
-# train (or load) a SuperBPE tokenizer and encode the paragraphs into data/tokens/
+# train (or load) a SuperBPE tokenizer and encode the paragraphs into data/tokens/ (--mix frwiki=0.7,NAME=0.3: added corpora)
 tokenize *args:
     {{python}} -m pipeline tokenize "$@"
 

@@ -30,8 +30,9 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_h
 def corpus(tmp_path_factory):
     # several validation articles, so rows hold pieces of several documents (placement and doc_mask matter)
     root = build_packed_corpus(tmp_path_factory.mktemp("eval"), 400_000, 31, 384, "32,64", "--val-fraction", "0.4")
-    val_ids = json.loads((root / "manifests/tokenize.json").read_text())["tokens"]["val_split"]["article_ids"]
-    table = pq.read_table(layout.paragraphs_file(root / "data"))
+    val_split = json.loads((root / "manifests/tokenize.json").read_text())["tokens"]["val_split"]
+    val_ids = val_split["by_source"]["frwiki"]["article_ids"]
+    table = pq.read_table(layout.paragraphs_dir(root / "data"))
     keep = [article_id in set(val_ids) for article_id in table.column("article_id").to_pylist()]
     pq.write_table(table.filter(keep), root / "val.parquet")
     return root
