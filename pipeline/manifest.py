@@ -211,6 +211,7 @@ class TokensInfo:
     tokenizer_sha256: str
     tokenizer_path: Path | None  # where the tokenizer was written, when the manifest lists it
     splits: dict[str, dict[str, int]]  # split -> tokens, documents, utf8_bytes
+    sources: tuple[str, ...] = ()  # the names the index's `source` field points to (none recorded: one source)
 
 
 def tokens_info(manifests_dir: Path) -> TokensInfo:
@@ -235,10 +236,13 @@ def tokens_section(manifest: dict, path: Path) -> TokensInfo:
         valid_dtype = False
     if not valid_dtype:
         raise DamagedManifest(path, f"is damaged (dtype {info['dtype']!r})")
+    sources = info.get("sources", [])
+    if not (isinstance(sources, list) and all(isinstance(name, str) for name in sources)):
+        raise DamagedManifest(path, "is damaged (sources)")
     tokenizer = next((Path(o["path"]) for o in manifest["outputs"] if o["path"].endswith("tokenizer.json")), None)
     return TokensInfo(dtype=info["dtype"], vocab_size=info["vocab_size"], eot_id=special["eot"],
                       pad_id=special["pad"], tokenizer_sha256=info["tokenizer_sha256"], tokenizer_path=tokenizer,
-                      splits=splits)
+                      splits=splits, sources=tuple(sources))
 
 
 def pack_manifest_name(seq_len: int) -> str:
