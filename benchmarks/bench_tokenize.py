@@ -85,7 +85,6 @@ def in_process(target, *args):
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     from tokenizers import Tokenizer
 
     from benchmarks.report import machine_line, markdown_table, publish

@@ -1,4 +1,4 @@
-"""Fetch the frwiki Structured-Contents JSONL shards into data/raw/: from Kaggle, the Hugging Face Hub, or local copies.
+"""Fetch the frwiki JSONL shards into data/raw/: from Kaggle, the Hugging Face Hub, or local copies.
 
 Which shards: the one file the mission names (default), `--files 0-3,7` (shard indices N of
 frwiki_namespace_0_N.jsonl) or `--all` (every shard of the dataset version, listed through the Kaggle

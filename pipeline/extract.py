@@ -21,10 +21,11 @@ source "frwiki". Two passes:
 Memory stays bounded however many shards: at most two ranges per worker are in flight (about 3x
 --chunk-bytes each), and the main process keeps 32 bytes per article (identifier, date, place) and an
 exact set of the 8-byte digests (blake2b) of the distinct paragraphs kept, as sorted arrays: 8 bytes
-per paragraph, twice that while its largest arrays merge. For all of frwiki (about 3.5 million
-articles and an estimated 35 million paragraphs) that is about 0.1 GB and 0.3 GB (0.6 GB during the
-last merge). Two different paragraphs share a 64-bit digest with probability about
-n^2 / 2^65 (3e-5 for 35 million): the later one would then be dropped as a duplicate.
+per paragraph, twice that while its largest arrays merge. For all of frwiki (about 2.6 million
+articles and, at an estimated ten paragraphs each, some 30 million paragraphs) that is about 0.1 GB
+and 0.25 GB (0.5 GB during the last merge). Two different paragraphs share a 64-bit digest with
+probability about n^2 / 2^65 (2e-5 for 30 million): the later one would then be dropped as a
+duplicate.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ source in the index, so bits per byte can be reported per source (`just eval --v
 the fewest training bytes for its weight is used whole and sets the stream's size, and every other
 source contributes its weight's share of that size, its documents taken in hash order (the
 smallest hashes after the validation ones), so the share is a spread sample of the source. The
-manifest records, per source, the bytes available and used, documents and tokens.
+manifest records, per source, the bytes available and used, documents and tokens. The tokenizer
+trains on each source's weight's share of --train-bytes. Planning reads the text once before
+encoding (each document's bytes), a small cost next to the encoding itself.
 
 Encoding runs in worker processes (one tokenizer each) over batches of documents cut independently
 of the worker count, and the main process writes them in order, so the output is byte-identical for
