@@ -9,11 +9,11 @@ python := env_var_or_default("VIRTUAL_ENV", justfile_directory() / ".venv") / "b
 default:
     @just --list
 
-# fetch frwiki_namespace_0_0.jsonl from Kaggle (version 1) into data/raw/ (--from PATH takes a local copy)
+# fetch frwiki shards from Kaggle (version 1) into data/raw/: _0 alone, --files 0-3,7 or --all; --source hf, --from PATH
 download *args:
     {{python}} -m pipeline download "$@"
 
-# write every paragraph of the JSONL to data/paragraphs/paragraphs.parquet
+# write the paragraphs of every downloaded shard to data/paragraphs/part-NNNNN.parquet, exact duplicates removed
 extract-paragraphs *args:
     {{python}} -m pipeline extract-paragraphs "$@"
 
@@ -25,7 +25,7 @@ add-corpus *args:
 stats *args:
     {{python}} -m pipeline stats "$@"
 
-# train (or load) a SuperBPE tokenizer and encode the paragraphs into data/tokens/
+# train (or load) a SuperBPE tokenizer and encode the paragraphs into data/tokens/ (--mix frwiki=0.7,NAME=0.3: added corpora)
 tokenize *args:
     {{python}} -m pipeline tokenize "$@"
 

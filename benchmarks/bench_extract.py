@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"bench-extract: generating {args.megabytes:.0f} MB of frwiki-format JSONL ...")
             write_corpus(path, int(args.megabytes * 1e6), seed=1)
         size_mb = path.stat().st_size / 1e6
-        output = str(Path(tmp) / "out.parquet")
+        output = str(Path(tmp) / "paragraphs")
         runs = [("bare `orjson.loads` per line, 1 core", measure(_bare_parse, str(path))),
                 ("extract-paragraphs, 1 worker", measure(_extract, str(path), output, 1)),
                 (f"extract-paragraphs, {args.workers} workers", measure(_extract, str(path), output, args.workers))]

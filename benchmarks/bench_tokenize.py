@@ -61,15 +61,16 @@ def _bare_encode(tokenizer_path: str, docs_file: str, queue) -> None:
     queue.put((time.perf_counter() - start, tokens))
 
 
-def _stage_encode(parquet: str, tokenizer_path: str, val_ids, out_dir: str, workers: int, queue) -> None:
+def _stage_encode(parquet: str, tokenizer_path: str, out_dir: str, workers: int, queue) -> None:
     from tokenizers import Tokenizer
 
-    from pipeline.tokenize_stage import encode_corpus
+    from pipeline.paragraphs import WIKIPEDIA_SOURCE, resolve
+    from pipeline.tokenize_stage import encode_corpus, plan_sources
 
     eot = Tokenizer.from_file(tokenizer_path).token_to_id("<|endoftext|>")
+    plans = plan_sources({WIKIPEDIA_SOURCE: resolve(Path(parquet))}, {WIKIPEDIA_SOURCE: 1.0}, 0.005, 50)
     start = time.perf_counter()
-    totals = encode_corpus(Path(parquet), Path(tokenizer_path), val_ids, Path(out_dir), eot, "<u4", workers,
-                           progress=False)
+    totals = encode_corpus(plans, Path(tokenizer_path), Path(out_dir), eot, "<u4", workers, progress=False)
     queue.put((time.perf_counter() - start, sum(t.tokens for t in totals.values())))
 
 
@@ -84,13 +85,13 @@ def in_process(target, *args):
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     from tokenizers import Tokenizer
 
     from benchmarks.report import machine_line, markdown_table, publish
     from benchmarks.synthetic_corpus import write_corpus
     from pipeline.extract import ExtractOptions, extract
-    from pipeline.tokenize_stage import choose_val_articles, iter_documents, training_texts
+    from pipeline.paragraphs import iter_documents
+    from pipeline.tokenize_stage import choose_val_articles, training_texts
 
     max_merges = args.vocab_size - 258
     transition = int(0.8 * max_merges) if args.transition is None else args.transition
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         del all_docs
         bare_seconds, bare_tokens = in_process(_bare_encode, str(tmp / "superbpe.json"), str(tmp / "docs.txt"))
         stage_seconds, stage_tokens = in_process(_stage_encode, str(parquet), str(tmp / "superbpe.json"),
-                                                 np.asarray(val_ids), str(tmp / "tokens"), args.workers)
+                                                 str(tmp / "tokens"), args.workers)
     fewer = 1 - compression["superbpe"][2] / compression["plain"][2]
     training = markdown_table(
         ["tokenizer", "vocab", "train s", "peak RSS MB", "val chars/token", "val bytes/token", "val tokens"],

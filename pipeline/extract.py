@@ -1,57 +1,71 @@
-"""Extract every paragraph of the frwiki JSONL into one Parquet file (zstd).
+"""Extract every paragraph of the frwiki JSONL shards into a Parquet dataset: one part per shard.
 
-The file is cut into byte ranges aligned to line starts; workers parse ranges in parallel (orjson)
-and the main process writes their tables in file order, so the output is identical for any worker
-count. Memory stays bounded: at most two ranges per worker are in flight. A gzip-compressed input
-(`.jsonl.gz`, told by its first bytes) is decompressed by the main process as it goes, cut where the
-plain file would be cut, so its output is the plain file's, without a decompressed copy on disk
-(zlib then bounds the speed, to about one core's worth of decompression).
+The inputs are every file the download manifest lists (or each --input), in order; shard i becomes
+DATA_DIR/paragraphs/part-i.parquet (zstd) in the paragraphs format of pipeline/paragraphs.py, with
+source "frwiki". Two passes:
 
-Bad lines are skipped and counted by reason, the first ones recorded with their cause; a last line
-cut short (an interrupted download) is reported as such and not counted against
---max-bad-fraction. Duplicate article identifiers keep one copy (the latest `date_modified`, else
-the first) and are removed in a second pass over the Parquet only when there are any.
+1. Parse. Each file is cut into byte ranges aligned to line starts; workers parse the ranges of every
+   file, one file after the other, in parallel (orjson), and the main process writes their tables in
+   order to a temporary part per shard, so the output is identical for any worker count. A
+   gzip-compressed input (`.jsonl.gz`, told by its first bytes) is decompressed by the main process
+   as it goes, cut where the plain file would be cut, so its output is the plain file's. Bad lines
+   are skipped and counted by reason, the first ones recorded with their cause; a last line cut short
+   (an interrupted download) is reported as such and not counted against --max-bad-fraction, which
+   applies to each file.
+2. Deduplicate, part by part in order. An article identifier seen more than once (in one shard or
+   across shards) keeps one copy: the latest `date_modified` (RFC 3339, compared as instants), else
+   the first. Then a paragraph whose exact text was kept before (earlier in its article, in another
+   article or another shard) is removed; `paragraph_index` keeps the paragraph's place in its
+   article, so a gap marks a removed duplicate.
+
+Memory stays bounded however many shards: at most two ranges per worker are in flight (about 3x
+--chunk-bytes each), and the main process keeps 32 bytes per article (identifier, date, place) and an
+exact set of the 8-byte digests (blake2b) of the distinct paragraphs kept, as sorted arrays: 8 bytes
+per paragraph, twice that while its largest arrays merge. For all of frwiki (about 2.6 million
+articles and, at an estimated ten paragraphs each, some 30 million paragraphs) that is about 0.1 GB
+and 0.25 GB (0.5 GB during the last merge). Two different paragraphs share a 64-bit digest with
+probability about n^2 / 2^65 (2e-5 for 30 million): the later one would then be dropped as a
+duplicate.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import functools
 import gc
 import gzip
+import hashlib
 import os
 import sys
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import repeat
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline import layout
+from pipeline import layout, paragraphs
 from pipeline.errors import StageError
-from pipeline.manifest import StageRun, atomic_path, verify_input
-from pipeline.workers import ordered_map
+from pipeline.manifest import StageRun, atomic_path, load_manifest, verify_input
+from pipeline.workers import ordered_map, signals_deferred
 
 STAGE = "extract-paragraphs"
-SCHEMA = pa.schema([
-    ("article_id", pa.int64()),
-    ("title", pa.string()),
-    ("section_path", pa.string()),
-    ("paragraph_index", pa.int32()),
-    ("text", pa.string()),
-])
+# What pass 1 writes: the paragraphs format without its constant source, with each text's digest.
+PARSED_SCHEMA = pa.schema([*(f for f in paragraphs.SCHEMA if f.name != "source"), ("digest", pa.uint64())])
 BAD_REASONS = ("invalid_json", "not_utf8", "not_object", "identifier_out_of_range", "truncated")
 FIRST_LINES_KEPT = 10  # bad lines recorded with their cause, in file order
 FIRST_LINES_SHOWN = 3  # of those, in the error message
 INT64 = range(-(1 << 63), 1 << 63)
+NO_DATE = -(1 << 63)  # an article without a readable date_modified: never "later" than another
 JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
               type(None): "null"}
 GZIP_MAGIC = b"\x1f\x8b"
@@ -59,19 +73,19 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", type=Path, default=None,
-                        help="JSONL input, plain or gzip-compressed (default: the file `just download` wrote, "
-                             "DATA_DIR/raw/...)")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="Parquet output (default: DATA_DIR/paragraphs/paragraphs.parquet)")
+    parser.add_argument("--input", type=Path, action="append", default=None,
+                        help="a JSONL input, plain or gzip-compressed; repeat it for several shards, each one "
+                             "part in the order given (default: every file the download manifest lists)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="Parquet dataset folder (default: DATA_DIR/paragraphs)")
     parser.add_argument("--lists", action="store_true",
                         help="also emit list items (nested items, repeated by the dump, are emitted once)")
     parser.add_argument("--min-chars", type=int, default=1, help="skip paragraphs shorter than this many characters")
     parser.add_argument("--max-bad-fraction", type=float, default=0.001,
-                        help="fail, writing nothing, when more than this fraction of lines is malformed (a last "
-                             "line cut short is reported and skipped, not counted)")
+                        help="fail, writing nothing, when more than this fraction of a file's lines is malformed "
+                             "(a last line cut short is reported and skipped, not counted)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="parser processes (output is identical for any count)")
+                        help="parser processes, shared by all files (output is identical for any count)")
     parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
                         help="bytes of input per work unit; bounds memory (about 3x this per worker)")
 
@@ -84,15 +98,17 @@ class ExtractOptions:
 
 @dataclass
 class ChunkResult:
-    """What one worker returns for one byte range."""
+    """What one worker returns for one byte range of one shard."""
 
-    table: pa.Table
-    articles: list[tuple[int, str | None, int]]  # (article_id, date_modified, rows), in order
+    table: pa.Table  # PARSED_SCHEMA
+    article_ids: np.ndarray  # int64, one per article parsed, in order
+    modified: np.ndarray  # int64 microseconds since the epoch, NO_DATE when absent or unreadable
+    article_rows: np.ndarray  # int64 rows of each article
+    shard: int = 0
     input_bytes: int = 0
     lines: int = 0
     bad: dict[str, int] = field(default_factory=dict)  # reason -> lines
     first_bad: list[tuple[int, str, str]] = field(default_factory=list)  # (line in chunk, 1-based; reason; cause)
-    characters: int = 0
     no_identifier: int = 0
     without_paragraphs: int = 0
     short_skipped: int = 0
@@ -199,7 +215,8 @@ def parse_lines(data: bytes, options: ExtractOptions) -> ChunkResult:
 
 def _parse_lines(data: bytes, options: ExtractOptions) -> ChunkResult:
     ids, titles, section_paths, indices, texts = [], [], [], [], []
-    result = ChunkResult(table=None, articles=[], input_bytes=len(data))  # type: ignore[arg-type]
+    article_ids, modified, article_rows = [], [], []
+    result = ChunkResult(None, None, None, None, input_bytes=len(data))  # type: ignore[arg-type]
     lines = data.split(b"\n")
     last_unterminated = not data.endswith(b"\n")
     if not last_unterminated and lines and lines[-1] == b"":
@@ -232,19 +249,55 @@ def _parse_lines(data: bytes, options: ExtractOptions) -> ChunkResult:
         ids.extend(repeat(article_id, count))
         titles.extend(repeat(title if isinstance(title, str) else "", count))
         indices.extend(range(count))
-        modified = article.get("date_modified")
-        result.articles.append((article_id, modified if isinstance(modified, str) else None, count))
-    result.table = pa.table([ids, titles, section_paths, indices, texts], schema=SCHEMA)
-    result.characters = pc.sum(pc.utf8_length(result.table.column("text"))).as_py() or 0
+        article_ids.append(article_id)
+        modified.append(instant(article.get("date_modified")))
+        article_rows.append(count)
+    digests = np.frombuffer(b"".join(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+                                     for text in texts), dtype="<u8")
+    result.table = pa.table([ids, titles, section_paths, indices, texts, digests], schema=PARSED_SCHEMA)
+    result.article_ids = np.array(article_ids, dtype=np.int64)
+    result.modified = np.array(modified, dtype=np.int64)
+    result.article_rows = np.array(article_rows, dtype=np.int64)
     return result
 
 
-def process_range(path: str, options: ExtractOptions, byte_range: tuple[int, int]) -> ChunkResult:
-    start, end = byte_range
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    return parse_lines(data, options)
+def instant(value: object) -> int:
+    """An RFC 3339 date as microseconds since the epoch (UTC when it names no offset), NO_DATE when
+    it is absent or unreadable."""
+    if not isinstance(value, str):
+        return NO_DATE
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return NO_DATE
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return (moment - EPOCH) // dt.timedelta(microseconds=1)
+
+
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One work unit: a byte range a worker reads itself, or lines the main process decompressed."""
+
+    shard: int
+    path: str | None = None
+    start: int = 0
+    end: int = 0
+    data: bytes | None = None
+
+
+def parse_unit(options: ExtractOptions, unit: Unit) -> ChunkResult:
+    data = unit.data
+    if data is None:
+        with open(unit.path, "rb") as f:
+            f.seek(unit.start)
+            data = f.read(unit.end - unit.start)
+    result = parse_lines(data, options)
+    result.shard = unit.shard
+    return result
 
 
 def line_aligned_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -284,6 +337,15 @@ def gzip_chunks(path: Path, chunk_bytes: int) -> Iterator[bytes]:
             rest = data[cut:]
 
 
+def work_units(inputs: list[tuple[Path, bool]], chunk_bytes: int) -> Iterator[Unit]:
+    """The units of every input, file after file: (path, gzip-compressed) each."""
+    for shard, (path, compressed) in enumerate(inputs):
+        if compressed:  # the main process decompresses; workers get the lines themselves
+            yield from (Unit(shard, data=data) for data in gzip_chunks(path, chunk_bytes))
+        else:  # workers read their own range: no data through the pipes
+            yield from (Unit(shard, str(path), start, end) for start, end in line_aligned_ranges(path, chunk_bytes))
+
+
 @contextmanager
 def gzip_errors(path: Path) -> Iterator[None]:
     try:
@@ -315,153 +377,303 @@ def check_input_kind(path: Path) -> bool:
 
 
 @dataclass
-class Totals:
+class FileTotals:
+    """The counts of one input shard (its part's, for rows, articles and characters)."""
+
+    file: str
     lines: int = 0
-    articles: int = 0
-    rows: int = 0
+    articles: int = 0  # distinct identifiers kept from this file
+    rows: int = 0  # paragraphs written
     characters: int = 0
     no_identifier: int = 0
     without_paragraphs: int = 0
     short_skipped: int = 0
-    duplicates: int = 0
+    duplicate_articles: int = 0  # copies of an identifier dropped from this file
+    duplicate_paragraphs: int = 0  # paragraphs removed as exact copies of one kept before
     bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_REASONS, 0))
     first_bad: list[tuple[int, str, str]] = field(default_factory=list)  # (line, reason, cause), file order
 
+    def add(self, chunk: ChunkResult) -> None:
+        for reason, count in chunk.bad.items():
+            self.bad[reason] += count
+        room = FIRST_LINES_KEPT - len(self.first_bad)
+        self.first_bad += [(self.lines + n, reason, cause) for n, reason, cause in chunk.first_bad[:room]]
+        self.lines += chunk.lines
+        self.articles += chunk.article_ids.size
+        self.no_identifier += chunk.no_identifier
+        self.without_paragraphs += chunk.without_paragraphs
+        self.short_skipped += chunk.short_skipped
 
-def extract(path: Path, output: Path, options: ExtractOptions, workers: int, chunk_bytes: int,
-            max_bad_fraction: float, progress: bool = True) -> Totals:
-    """Write the Parquet at `output` (atomically) and return the totals; raise StageError on bad input."""
-    compressed = check_input_kind(path)
-    totals = Totals()
-    kept: dict[int, tuple[str | None, int, int]] = {}  # article_id -> (date_modified, first row, end row)
-    dropped_ranges: list[tuple[int, int]] = []
-    if compressed:  # the main process decompresses; workers get the lines themselves
-        parse, units = functools.partial(parse_lines, options=options), gzip_chunks(path, chunk_bytes)
-    else:  # workers read their own range: no data through the pipes
-        parse, units = functools.partial(process_range, str(path), options), line_aligned_ranges(path, chunk_bytes)
-    with atomic_path(output) as tmp:
-        # Parquet encoding and compression release the GIL: they run on a thread, overlapped with parsing.
-        with ExitStack() as stack:
-            bar = stack.enter_context(tqdm(total=None if compressed else path.stat().st_size, unit="B",
-                                           unit_scale=True, desc=STAGE, disable=not progress))
-            writer = stack.enter_context(pq.ParquetWriter(tmp, SCHEMA, compression="zstd"))
-            write_thread = stack.enter_context(ThreadPoolExecutor(1))
-            last_write = None
-            chunks = stack.enter_context(closing(ordered_map(parse, units, workers)))
-            for chunk in chunks:
-                for reason, count in chunk.bad.items():
-                    totals.bad[reason] += count
-                room = FIRST_LINES_KEPT - len(totals.first_bad)
-                totals.first_bad += [(totals.lines + n, reason, cause) for n, reason, cause in chunk.first_bad[:room]]
-                row = totals.rows
-                for article_id, modified, n_rows in chunk.articles:
-                    previous = kept.get(article_id)
-                    if previous is None:
-                        kept[article_id] = (modified, row, row + n_rows)
-                    else:
-                        totals.duplicates += 1
-                        old_modified, old_start, old_end = previous
-                        if modified is not None and old_modified is not None and modified > old_modified:
-                            dropped_ranges.append((old_start, old_end))
-                            kept[article_id] = (modified, row, row + n_rows)
-                        else:
-                            dropped_ranges.append((row, row + n_rows))
-                    row += n_rows
-                totals.lines += chunk.lines
-                totals.articles += len(chunk.articles)
-                totals.no_identifier += chunk.no_identifier
-                totals.without_paragraphs += chunk.without_paragraphs
-                totals.short_skipped += chunk.short_skipped
-                totals.rows += chunk.table.num_rows
-                totals.characters += chunk.characters
-                if chunk.table.num_rows:
-                    if last_write is not None:
-                        last_write.result()  # at most one table waits to be written
-                    last_write = write_thread.submit(writer.write_table, chunk.table)
-                bar.update(chunk.input_bytes)
-            if last_write is not None:
-                last_write.result()
-        bad_lines = sum(totals.bad.values()) - totals.bad["truncated"]  # a cut last line is reported apart
-        if totals.lines and bad_lines / totals.lines > max_bad_fraction:
-            first = "; ".join(f"line {line}: {cause}" for line, _, cause in totals.first_bad[:FIRST_LINES_SHOWN])
-            raise StageError(f"{bad_lines:,} of {totals.lines:,} lines are malformed ({_bad_summary(totals)}; {first}), "
-                             f"more than --max-bad-fraction {max_bad_fraction}; nothing written. Check the input file")
-        if totals.articles == 0:
+    def check(self, path: Path, max_bad_fraction: float) -> None:
+        bad_lines = sum(self.bad.values()) - self.bad["truncated"]  # a cut last line is reported apart
+        if self.lines and bad_lines / self.lines > max_bad_fraction:
+            first = "; ".join(f"line {line}: {cause}" for line, _, cause in self.first_bad[:FIRST_LINES_SHOWN])
+            raise StageError(f"{path}: {bad_lines:,} of {self.lines:,} lines are malformed ({bad_summary(self.bad)}; "
+                             f"{first}), more than --max-bad-fraction {max_bad_fraction}; nothing written. Check the "
+                             f"input file")
+        if self.articles == 0:
             raise StageError(f"{path} holds no frwiki article (no line is a JSON object with an integer "
                              f"`identifier`); is it the Structured-Contents JSONL?")
-        if dropped_ranges:
-            totals.rows -= drop_rows(tmp, dropped_ranges)
-            totals.characters = count_characters(tmp)
-        totals.articles -= totals.duplicates
-    return totals
 
 
-def _bad_summary(totals: Totals) -> str:
-    return ", ".join(f"{reason} {count}" for reason, count in totals.bad.items() if count)
+def bad_summary(bad: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in bad.items() if count)
 
 
-def drop_rows(path: Path, dropped: list[tuple[int, int]]) -> int:
-    """Rewrite the Parquet at `path` without the given row ranges (duplicate articles); return rows dropped."""
-    import numpy as np
+class OverlappedWriter:
+    """A ParquetWriter (zstd) whose writes run on a thread, overlapped with the caller's work: Parquet
+    encoding and compression release the GIL. At most one table waits to be written.
 
-    source = pq.ParquetFile(path)
-    keep = np.ones(source.metadata.num_rows, dtype=bool)
+    The thread starts here, with interrupts held: a Ctrl-C in the middle of a lazy start (on the
+    first write) left a thread that `close` did not wait for, writing while the file was closed
+    under it (a crash)."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self._writer = pq.ParquetWriter(path, schema, compression="zstd")
+        self._thread = ThreadPoolExecutor(1)
+        self._pending: Future | None = None
+        try:
+            with signals_deferred():
+                self._thread.submit(int).result()
+        except BaseException:  # the interrupt held meanwhile: nothing is left running
+            self.close()
+            raise
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._wait()
+            self._pending = self._thread.submit(self._writer.write_table, table)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self._wait()
+        finally:
+            self._thread.shutdown()
+            self._writer.close()
+
+
+class DigestSet:
+    """An exact set of uint64 digests in sorted runs, each at least twice the size of the next (a
+    log-structured merge): 8 bytes per member, lookups by binary search."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []
+
+    def first_seen(self, digests: np.ndarray) -> np.ndarray:
+        """Which of `digests` are new: not in the set, nor earlier in `digests`; they join the set."""
+        unique, first = np.unique(digests, return_index=True)
+        new = np.ones(unique.size, dtype=bool)
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, unique), run.size - 1)
+            new &= run[at] != unique
+        mask = np.zeros(digests.size, dtype=bool)
+        mask[first[new]] = True
+        run = unique[new]
+        while self.runs and self.runs[-1].size <= 2 * run.size:
+            run = np.concatenate([self.runs.pop(), run])
+            run.sort()
+        if run.size:
+            self.runs.append(run)
+        return mask
+
+
+@dataclass
+class Articles:
+    """Every article parsed, in input order: 32 bytes each."""
+
+    ids: list[np.ndarray] = field(default_factory=list)
+    modified: list[np.ndarray] = field(default_factory=list)
+    shard: list[np.ndarray] = field(default_factory=list)
+    start: list[np.ndarray] = field(default_factory=list)  # first row in its shard's part
+    rows: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, chunk: ChunkResult, first_row: int) -> None:
+        self.ids.append(chunk.article_ids)
+        self.modified.append(chunk.modified)
+        self.shard.append(np.full(chunk.article_ids.size, chunk.shard, dtype=np.int32))
+        self.start.append(first_row + np.cumsum(chunk.article_rows) - chunk.article_rows)
+        self.rows.append(chunk.article_rows.astype(np.int32))
+
+    def dropped(self, shards: int) -> list[list[tuple[int, int]]]:
+        """Per shard, the row ranges of the copies of an identifier that are not kept: of each
+        identifier the latest date_modified is kept, else (no date on the first copy, or no later
+        one) the first."""
+        ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
+        order = np.argsort(ids, kind="stable")  # copies of one identifier together, in input order
+        repeated = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+        ranges: list[list[tuple[int, int]]] = [[] for _ in range(shards)]
+        if not repeated.size:
+            return ranges
+        modified, shard, start, rows = (np.concatenate(a) for a in (self.modified, self.shard, self.start, self.rows))
+        group_starts = np.flatnonzero(np.r_[True, ids[order][1:] != ids[order][:-1]])
+        group_ends = np.r_[group_starts[1:], ids.size]
+        for begin, end in zip(group_starts, group_ends):
+            if end - begin < 2:
+                continue
+            copies = order[begin:end]
+            kept = copies[0] if modified[copies[0]] == NO_DATE else copies[np.argmax(modified[copies])]
+            for copy in copies[copies != kept]:
+                ranges[shard[copy]].append((int(start[copy]), int(start[copy] + rows[copy])))
+        return ranges
+
+
+def extract(sources: list[Path] | Path, out_dir: Path, options: ExtractOptions, workers: int, chunk_bytes: int,
+            max_bad_fraction: float, progress: bool = True) -> list[FileTotals]:
+    """Write one part per input shard into `out_dir` (atomically) and return each shard's totals;
+    raise StageError on bad input."""
+    sources = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(p) for p in sources]
+    inputs = [(path, check_input_kind(path)) for path in sources]
+    files = [FileTotals(path.name) for path in sources]
+    temporaries = [out_dir / f".{paragraphs.part_name(i)}.parsed.tmp-{os.getpid()}" for i in range(len(sources))]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        articles = parse_all(inputs, temporaries, files, options, workers, chunk_bytes, progress)
+        for (path, _), totals in zip(inputs, files):
+            totals.check(path, max_bad_fraction)
+        dropped = articles.dropped(len(sources))
+        del articles
+        seen = DigestSet()
+        with tqdm(total=sum(pq.read_metadata(t).num_rows for t in temporaries), unit="row", unit_scale=True,
+                  desc=f"{STAGE} dedup", disable=not progress) as bar:
+            for shard, temporary in enumerate(temporaries):
+                deduplicate(temporary, out_dir / paragraphs.part_name(shard), dropped[shard], seen, files[shard], bar)
+                temporary.unlink()
+    finally:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
+    return files
+
+
+def parse_all(inputs: list[tuple[Path, bool]], temporaries: list[Path], files: list[FileTotals],
+              options: ExtractOptions, workers: int, chunk_bytes: int, progress: bool) -> Articles:
+    """Pass 1: every shard parsed into its temporary part, in order; the articles, for pass 2."""
+    articles = Articles()
+    total_bytes = None if any(compressed for _, compressed in inputs) else sum(p.stat().st_size for p, _ in inputs)
+    parse = functools.partial(parse_unit, options)
+    writer, shard, rows = None, -1, 0
+    with ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=total_bytes, unit="B", unit_scale=True, desc=STAGE,
+                                       disable=not progress))
+        chunks = stack.enter_context(closing(ordered_map(parse, work_units(inputs, chunk_bytes), workers)))
+        try:
+            for chunk in chunks:
+                if chunk.shard != shard:  # units come file after file: this shard starts
+                    if writer is not None:
+                        writer.close()
+                    shard, rows = chunk.shard, 0
+                    writer = OverlappedWriter(temporaries[shard], PARSED_SCHEMA)
+                files[shard].add(chunk)
+                articles.add(chunk, rows)
+                rows += chunk.table.num_rows
+                writer.write(chunk.table)
+                bar.update(chunk.input_bytes)
+        finally:
+            if writer is not None:
+                writer.close()
+    return articles
+
+
+def deduplicate(temporary: Path, part: Path, dropped: list[tuple[int, int]], seen: DigestSet, totals: FileTotals,
+                bar: tqdm) -> None:
+    """Pass 2 for one shard: its part without the dropped copies of articles nor paragraphs seen before."""
+    parsed = pq.ParquetFile(temporary)
+    keep_article = np.ones(parsed.metadata.num_rows, dtype=bool)
     for start, end in dropped:
-        keep[start:end] = False
-    with atomic_path(path) as tmp:
-        with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
-            offset = 0
-            for index in range(source.num_row_groups):
-                group = source.read_row_group(index)
-                mask = keep[offset:offset + group.num_rows]
+        keep_article[start:end] = False
+    totals.duplicate_articles = len(dropped)
+    totals.articles -= len(dropped)
+    offset = 0
+    with atomic_path(part) as tmp:
+        writer = OverlappedWriter(tmp, paragraphs.SCHEMA)
+        try:
+            for index in range(parsed.num_row_groups):
+                group = parsed.read_row_group(index)
+                rows = keep_article[offset:offset + group.num_rows]
                 offset += group.num_rows
-                if mask.any():
-                    writer.write_table(group.filter(pa.array(mask)))
-    return int((~keep).sum())
+                group = group.filter(pa.array(rows))
+                new = seen.first_seen(group.column("digest").to_numpy())
+                totals.duplicate_paragraphs += int((~new).sum())
+                group = group.filter(pa.array(new)).drop_columns(["digest"])
+                source = pa.array([paragraphs.WIKIPEDIA_SOURCE]).take(np.zeros(group.num_rows, dtype=np.int64))
+                group = group.append_column("source", source)
+                totals.rows += group.num_rows
+                totals.characters += pc.sum(pc.utf8_length(group.column("text"))).as_py() or 0
+                writer.write(group)
+                bar.update(rows.size)
+        finally:
+            writer.close()
 
 
-def count_characters(path: Path) -> int:
-    source = pq.ParquetFile(path)
-    total = 0
-    for index in range(source.num_row_groups):
-        lengths = pc.utf8_length(source.read_row_group(index, columns=["text"]).column("text"))
-        total += pc.sum(lengths).as_py() or 0
-    return total
+def input_files(args: argparse.Namespace) -> list[Path]:
+    """The shards to read: each --input, or every file of the download manifest."""
+    if args.input:
+        return args.input
+    manifest = load_manifest(Path(args.manifests) / "download.json")
+    if manifest is None or not manifest["outputs"]:
+        raise StageError(f"no download manifest in {args.manifests}; run `just download` first (or pass --input)")
+    return [Path(output["path"]) for output in manifest["outputs"]]
 
 
 def run(args: argparse.Namespace) -> int:
-    source = args.input or layout.raw_file(args.data_dir)
-    output = args.output or layout.paragraphs_file(args.data_dir)
+    out_dir = args.out_dir or layout.paragraphs_dir(args.data_dir)
     if args.min_chars < 1:
         raise StageError(f"--min-chars must be at least 1, got {args.min_chars}")
     if not 0 <= args.max_bad_fraction <= 1:
         raise StageError(f"--max-bad-fraction must be within [0, 1], got {args.max_bad_fraction}")
     if args.workers < 1 or args.chunk_bytes < 1:
         raise StageError("--workers and --chunk-bytes must be positive")
-    inputs = [verify_input(source, args.manifests, producer_required=None if args.input else "download")]
+    sources = input_files(args)
+    twice = sorted({str(p) for p in sources if sum(q.resolve() == p.resolve() for q in sources) > 1})
+    if twice:
+        raise StageError(f"--input {twice[0]} is given more than once; give each shard once")
+    inputs = [verify_input(path, args.manifests, producer_required=None if args.input else "download")
+              for path in sources]
     options = ExtractOptions(lists=args.lists, min_chars=args.min_chars)
     # Worker count and chunk size do not change the output, so they are not parameters.
     parameters = {"lists": options.lists, "min_chars": options.min_chars, "max_bad_fraction": args.max_bad_fraction,
-                  "output": Path(output)}
+                  "out_dir": Path(out_dir)}
     with StageRun(STAGE, args.manifests, parameters, inputs, force=args.force) as stage:
-        if not stage.start(output, [output.parent]):
+        if not stage.start(out_dir, [out_dir]):
             return 0
-        totals = extract(Path(source), output, options, args.workers, args.chunk_bytes, args.max_bad_fraction)
-        stage.add_output(output, counts={"rows": totals.rows, "articles": totals.articles,
-                                         "characters": totals.characters})
+        for old in paragraphs.part_files(out_dir):  # a previous run's parts: some may not be rewritten
+            old.unlink()
+        files = extract(sources, out_dir, options, args.workers, args.chunk_bytes, args.max_bad_fraction)
+        for shard, totals in enumerate(files):
+            stage.add_output(out_dir / paragraphs.part_name(shard),
+                             counts={"rows": totals.rows, "articles": totals.articles, "characters": totals.characters})
+        total = {key: sum(getattr(f, key) for f in files)
+                 for key in ("lines", "articles", "rows", "characters", "without_paragraphs", "duplicate_articles",
+                             "duplicate_paragraphs", "no_identifier", "short_skipped")}
+        bad = {reason: sum(f.bad[reason] for f in files) for reason in BAD_REASONS}
+        first_bad = [{"file": f.file, "line": line, "reason": reason, "cause": cause}
+                     for f in files for line, reason, cause in f.first_bad][:FIRST_LINES_KEPT]
         stage.finish(counters={
-            "lines": totals.lines, "articles": totals.articles, "paragraphs": totals.rows,
-            "characters": totals.characters, "articles_without_paragraphs": totals.without_paragraphs,
-            "duplicate_articles": totals.duplicates, "lines_without_identifier": totals.no_identifier,
-            "short_paragraphs_skipped": totals.short_skipped,
-            "bad_lines": totals.bad,
-            "first_bad_lines": [{"line": line, "reason": reason, "cause": cause}
-                                for line, reason, cause in totals.first_bad],
+            "lines": total["lines"], "articles": total["articles"], "paragraphs": total["rows"],
+            "characters": total["characters"], "articles_without_paragraphs": total["without_paragraphs"],
+            "duplicate_articles": total["duplicate_articles"], "duplicate_paragraphs": total["duplicate_paragraphs"],
+            "lines_without_identifier": total["no_identifier"], "short_paragraphs_skipped": total["short_skipped"],
+            "bad_lines": bad, "first_bad_lines": first_bad,
+            "files": [file_counters(shard, f) for shard, f in enumerate(files)],
         })
-    cut = next(((line, cause) for line, reason, cause in totals.first_bad if reason == "truncated"), None)
-    if cut:
-        print(f"{STAGE}: warning: skipped the last line (line {cut[0]:,}): {cut[1]}; is the input an interrupted "
-              f"download? (`just download` resumes one)", file=sys.stderr)
-    print(f"{STAGE}: {totals.articles:,} articles, {totals.rows:,} paragraphs, {totals.characters:,} characters "
-          f"-> {output}" + (f" (bad lines: {_bad_summary(totals)})" if sum(totals.bad.values()) else ""))
+    for f in files:
+        cut = next(((line, cause) for line, reason, cause in f.first_bad if reason == "truncated"), None)
+        if cut:
+            print(f"{STAGE}: warning: {f.file}: skipped the last line (line {cut[0]:,}): {cut[1]}; is the input an "
+                  f"interrupted download? (`just download` resumes one)", file=sys.stderr)
+    print(f"{STAGE}: {len(files)} shard(s), {total['articles']:,} articles, {total['rows']:,} paragraphs "
+          f"({total['duplicate_paragraphs']:,} duplicates removed), {total['characters']:,} characters -> {out_dir}"
+          + (f" (bad lines: {bad_summary(bad)})" if sum(bad.values()) else ""))
     return 0
+
+
+def file_counters(shard: int, totals: FileTotals) -> dict:
+    """One shard's counts as the manifest records them."""
+    counters = {"part": paragraphs.part_name(shard), **asdict(totals)}
+    counters["first_bad"] = [{"line": line, "reason": reason, "cause": cause}
+                             for line, reason, cause in totals.first_bad]
+    return counters

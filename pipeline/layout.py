@@ -20,10 +20,6 @@ def raw_file(data_dir: Path, file: str = DEFAULT_FILE) -> Path:
     return raw_dir(data_dir) / Path(file).name
 
 
-def paragraphs_file(data_dir: Path) -> Path:
-    return Path(data_dir) / "paragraphs" / "paragraphs.parquet"
-
-
 def paragraphs_dir(data_dir: Path) -> Path:
     """The Wikipedia paragraphs: one Parquet part per downloaded shard (see pipeline/paragraphs.py)."""
     return Path(data_dir) / "paragraphs"

@@ -87,15 +87,19 @@ def code_version() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; rename it into place only if the block succeeds."""
+def atomic_path(final: Path, *, undo_on_failure: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it into place only if the block succeeds.
+
+    Inside a `StageRun`, a file renamed into place is removed again when the run fails, unless
+    `undo_on_failure` is False: a file complete and checked on its own (a downloaded shard) stays,
+    so that a rerun resumes from it."""
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         renamed = _renamed.get()
-        if renamed is not None:
+        if renamed is not None and undo_on_failure:
             renamed.append(final)
         os.replace(tmp, final)
     except OSError as err:
@@ -209,6 +213,7 @@ class TokensInfo:
     tokenizer_sha256: str
     tokenizer_path: Path | None  # where the tokenizer was written, when the manifest lists it
     splits: dict[str, dict[str, int]]  # split -> tokens, documents, utf8_bytes
+    sources: tuple[str, ...] = ()  # the names the index's `source` field points to (none recorded: one source)
 
 
 def tokens_info(manifests_dir: Path) -> TokensInfo:
@@ -233,10 +238,13 @@ def tokens_section(manifest: dict, path: Path) -> TokensInfo:
         valid_dtype = False
     if not valid_dtype:
         raise DamagedManifest(path, f"is damaged (dtype {info['dtype']!r})")
+    sources = info.get("sources", [])
+    if not (isinstance(sources, list) and all(isinstance(name, str) for name in sources)):
+        raise DamagedManifest(path, "is damaged (sources)")
     tokenizer = next((Path(o["path"]) for o in manifest["outputs"] if o["path"].endswith("tokenizer.json")), None)
     return TokensInfo(dtype=info["dtype"], vocab_size=info["vocab_size"], eot_id=special["eot"],
                       pad_id=special["pad"], tokenizer_sha256=info["tokenizer_sha256"], tokenizer_path=tokenizer,
-                      splits=splits)
+                      splits=splits, sources=tuple(sources))
 
 
 def pack_manifest_name(seq_len: int) -> str:

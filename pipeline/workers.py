@@ -42,7 +42,7 @@ def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], worke
         return
     pool = ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(initializer, initargs))
     try:
-        with _signals_deferred():
+        with signals_deferred():
             pool.submit(int)  # forks every worker now, before any of them can die of a signal
         pending: deque[Future] = deque()
         for item in items:
@@ -56,9 +56,11 @@ def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], worke
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM while workers are forked, then deliver them to this process's own
-    handlers. A worker forked meanwhile inherits the holding handler until `_start_worker` runs."""
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while workers (processes or threads) are started, then deliver them to
+    this process's own handlers: an interrupt in the middle of a start would leave a worker running
+    that nothing waits for. A worker forked meanwhile inherits the holding handler until
+    `_start_worker` runs."""
     received: list[int] = []
     previous = {number: signal.signal(number, lambda signum, frame: received.append(signum))
                 for number in (signal.SIGINT, signal.SIGTERM)}

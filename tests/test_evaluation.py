@@ -30,8 +30,9 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_h
 def corpus(tmp_path_factory):
     # several validation articles, so rows hold pieces of several documents (placement and doc_mask matter)
     root = build_packed_corpus(tmp_path_factory.mktemp("eval"), 400_000, 31, 384, "32,64", "--val-fraction", "0.4")
-    val_ids = json.loads((root / "manifests/tokenize.json").read_text())["tokens"]["val_split"]["article_ids"]
-    table = pq.read_table(layout.paragraphs_file(root / "data"))
+    val_split = json.loads((root / "manifests/tokenize.json").read_text())["tokens"]["val_split"]
+    val_ids = val_split["by_source"]["frwiki"]["article_ids"]
+    table = pq.read_table(layout.paragraphs_dir(root / "data"))
     keep = [article_id in set(val_ids) for article_id in table.column("article_id").to_pylist()]
     pq.write_table(table.filter(keep), root / "val.parquet")
     return root
@@ -82,6 +83,73 @@ def test_val_split_gives_the_trainers_val_bpb(corpus, trained, doc_mask, capsys)
     assert from_text["bits_per_byte"] == pytest.approx(result["bits_per_byte"], rel=1e-9)
 
 
+def test_val_option_reads_the_runs_own_split(corpus, trained, capsys):
+    final = json.loads((corpus / "runs" / trained / "metrics.jsonl").read_text().splitlines()[-1])
+    step = last_checkpoint(corpus, trained)
+    assert evaluate(corpus, "--run", trained, "--checkpoint", step, "--val") == 0
+    result = json.loads((corpus / "runs" / trained / "eval" / f"val-bpb-{step.name}.json").read_text())
+    assert list(result["by_source"]) == ["frwiki"]  # one source: no "all" row
+    assert result["by_source"]["frwiki"]["bits_per_byte"] == pytest.approx(final["val_bpb"], rel=1e-6)
+    assert result["by_source"]["frwiki"]["tokens"] == final["val_tokens"]
+    assert "frwiki" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Two sources tokenized as a mixture, packed, and a tiny run trained on them."""
+    from benchmarks.synthetic_corpus import write_corpus
+    from pipeline.cli import main as pipeline_main
+
+    root = tmp_path_factory.mktemp("mixed")
+    common = ["--data-dir", str(root / "data"), "--manifests", str(root / "manifests")]
+    for name, seed, out in (("wiki", 41, root / "data/paragraphs"), ("other", 42, root / "data/corpora/other")):
+        write_corpus(root / f"{name}.jsonl", 250_000, seed=seed)
+        assert pipeline_main(["extract-paragraphs", "--input", str(root / f"{name}.jsonl"), "--out-dir", str(out),
+                              "--manifests", str(root / f"manifests-{name}")]) == 0
+    assert pipeline_main(["tokenize", "--plain-bpe", "--vocab-size", "384", "--val-fraction", "0.4", "--input",
+                          str(root / "data/paragraphs"), "--mix", "frwiki=0.5,other=0.5", *common]) == 0
+    assert pipeline_main(["pack", "--seq-len", "32,64", *common]) == 0
+    train_run(root, "mix")
+    return root
+
+
+def test_val_option_reports_each_source_and_all(mixed):
+    """Each source's figure is the one --parquet gives on that source's validation articles; "all" is
+    the trainer's validation bits per byte."""
+    final = json.loads((mixed / "runs/mix/metrics.jsonl").read_text().splitlines()[-1])
+    step = last_checkpoint(mixed, "mix")
+    assert evaluate(mixed, "--run", "mix", "--checkpoint", step, "--val") == 0
+    result = json.loads((mixed / "runs/mix/eval" / f"val-bpb-{step.name}.json").read_text())["by_source"]
+    assert list(result) == ["frwiki", "other", "all"]
+    assert result["all"]["bits_per_byte"] == pytest.approx(final["val_bpb"], rel=1e-6)
+    assert result["all"]["documents"] == result["frwiki"]["documents"] + result["other"]["documents"]
+    val_split = json.loads((mixed / "manifests/tokenize.json").read_text())["tokens"]["val_split"]["by_source"]
+    for name, folder in (("frwiki", "paragraphs"), ("other", "corpora/other")):
+        table = pq.read_table(mixed / "data" / folder)
+        keep = [i in set(val_split[name]["article_ids"]) for i in table.column("article_id").to_pylist()]
+        pq.write_table(table.filter(keep), mixed / f"{name}.parquet")
+        assert evaluate(mixed, "--run", "mix", "--checkpoint", step, "--parquet", mixed / f"{name}.parquet") == 0
+        alone = json.loads((mixed / "runs/mix/eval" / f"bpb-{name}-{step.name}.json").read_text())
+        assert result[name]["documents"] == alone["documents"] == val_split[name]["articles"]
+        assert result[name]["bits_per_byte"] == pytest.approx(alone["bits_per_byte"], rel=1e-6)
+
+
+def test_parquet_takes_a_paragraphs_folder(corpus, trained):
+    """The validation articles as a folder of two parts count as the one file does."""
+    table = pq.read_table(corpus / "val.parquet")
+    ids = table.column("article_id").to_pylist()
+    half = ids.index(ids[len(ids) // 2])  # parts end between articles
+    (corpus / "valparts").mkdir()
+    pq.write_table(table.slice(0, half), corpus / "valparts/part-00000.parquet")
+    pq.write_table(table.slice(half), corpus / "valparts/part-00001.parquet")
+    for path in (corpus / "val.parquet", corpus / "valparts"):
+        assert evaluate(corpus, "--run", trained, "--parquet", path) == 0
+    whole, parts = (json.loads((corpus / "runs" / trained / f"eval/bpb-{stem}-best.json").read_text())
+                    for stem in ("val", "valparts"))
+    assert parts["documents"] == whole["documents"] > 1
+    assert parts["bits_per_byte"] == pytest.approx(whole["bits_per_byte"], rel=1e-9)
+
+
 def test_exported_folder_scores_like_its_checkpoint(corpus, trained):
     from train.export import main as export_main
 
@@ -108,6 +176,7 @@ def test_bad_input_is_one_line(corpus, trained, tmp_path, capsys):
         (["--hf", tmp_path, "--parquet", corpus / "val.parquet"], "no config.json"),
         (["--run", "x"], "nothing to evaluate"),
         (["--run", "x", "--text", corpus / "val.parquet", "--parquet", corpus / "val.parquet"], "not both"),
+        (["--hf", tmp_path, "--val"], "--val needs --run or --checkpoint"),
     ]
     for argv, message in cases:
         assert evaluate(corpus, *argv) == 2

@@ -96,7 +96,7 @@ def test_tokenizer_prepends_end_of_text_and_round_trips(corpus):
     reference = Tokenizer.from_file(str(layout.tokenizer_file(corpus / "data")))
     eot, pad = reference.token_to_id("<|endoftext|>"), reference.token_to_id("<|pad|>")
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, len(hf)) == (eot, eot, pad, VOCAB)
-    texts = pq.read_table(layout.paragraphs_file(corpus / "data")).column("text").to_pylist()[:200]
+    texts = pq.read_table(layout.paragraphs_dir(corpus / "data")).column("text").to_pylist()[:200]
     texts += ["  deux espaces, l'été à Montréal : « 12,5 % » — fin.\n", "é"]
     for text in texts:
         ids = hf(text).input_ids

@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+import gzip
 import json
+import shutil
+import time
+from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from benchmarks.synthetic_corpus import write_corpus
-from pipeline.extract import ExtractOptions, extract
+from pipeline.extract import DigestSet, ExtractOptions, extract
 from pipeline.locks import LOCK_FILE
+from pipeline.paragraphs import SCHEMA, open_dataset
 from tests.conftest import article, paragraph, run_stage, section, write_jsonl
 
 
@@ -18,7 +24,7 @@ def read_rows(path):
 def extract_file(workdir, records, *options):
     source = write_jsonl(workdir / "in.jsonl", records)
     code = run_stage("extract-paragraphs", "--input", source, "--workers", "1", *options)
-    return code, workdir / "data/paragraphs/paragraphs.parquet"
+    return code, workdir / "data/paragraphs/part-00000.parquet"
 
 
 def test_schema_order_and_section_paths(workdir):
@@ -32,7 +38,7 @@ def test_schema_order_and_section_paths(workdir):
     code, out = extract_file(workdir, records)
     assert code == 0
     table = pq.read_table(out)
-    assert [str(f.type) for f in table.schema] == ["int64", "string", "string", "int32", "string"]
+    assert table.schema == SCHEMA
     assert pq.ParquetFile(out).metadata.row_group(0).column(4).compression == "ZSTD"
     rows = table.to_pylist()
     assert [(r["article_id"], r["paragraph_index"], r["section_path"], r["text"]) for r in rows] == [
@@ -41,6 +47,7 @@ def test_schema_order_and_section_paths(workdir):
         (7, 4, " > ".join(f"N{d}" for d in range(1, 9)), "Tout au fond."),
         (3, 0, "Abstract", "Seul paragraphe.")]
     assert rows[0]["title"] == "Lyon" and rows[-1]["title"] == "Brest"
+    assert {row["source"] for row in rows} == {"frwiki"}
 
 
 def test_lists_emit_nested_items_once_and_only_with_flag(workdir):
@@ -90,6 +97,7 @@ def test_duplicates_keep_latest_date_else_first(workdir):
     manifest = json.loads((workdir / "manifests/extract-paragraphs.json").read_text())
     assert manifest["counters"]["duplicate_articles"] == 3
     assert manifest["outputs"][0]["counts"] == {"rows": 2, "articles": 2, "characters": 9}
+    assert manifest["counters"]["files"][0]["duplicate_articles"] == 3
 
 
 def test_bad_lines_counted_by_reason_with_line_numbers(workdir):
@@ -102,8 +110,9 @@ def test_bad_lines_counted_by_reason_with_line_numbers(workdir):
     counters = json.loads((workdir / "manifests/extract-paragraphs.json").read_text())["counters"]
     assert counters["bad_lines"] == {"invalid_json": 1, "not_utf8": 1, "not_object": 1, "identifier_out_of_range": 0,
                                      "truncated": 1}
-    assert [(bad["line"], bad["reason"]) for bad in counters["first_bad_lines"]] == [
-        (2, "invalid_json"), (4, "not_object"), (6, "not_utf8"), (12, "truncated")]
+    assert [(bad["file"], bad["line"], bad["reason"]) for bad in counters["first_bad_lines"]] == [
+        ("in.jsonl", 2, "invalid_json"), ("in.jsonl", 4, "not_object"), ("in.jsonl", 6, "not_utf8"),
+        ("in.jsonl", 12, "truncated")]
 
 
 def test_too_many_bad_lines_fail_and_write_nothing(workdir, capsys):
@@ -112,7 +121,7 @@ def test_too_many_bad_lines_fail_and_write_nothing(workdir, capsys):
     assert code == 2
     message = capsys.readouterr().err.split("error: extract-paragraphs: ")[-1]
     assert "max-bad-fraction" in message and message.count("\n") == 1 and message.endswith("\n")
-    assert not out.exists() and not list(out.parent.glob(".*.tmp-*"))
+    assert not out.exists() and [p.name for p in out.parent.iterdir()] == [LOCK_FILE]
     assert not (workdir / "manifests/extract-paragraphs.json").exists()
 
 
@@ -160,7 +169,7 @@ def test_interrupted_write_leaves_nothing_at_final_path(workdir, monkeypatch):
     import pipeline.extract as extract_module
 
     calls = {"n": 0}
-    real = extract_module.process_range
+    real = extract_module.parse_unit
 
     def dies_on_second_range(*args):
         calls["n"] += 1
@@ -168,27 +177,161 @@ def test_interrupted_write_leaves_nothing_at_final_path(workdir, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(extract_module, "process_range", dies_on_second_range)
+    monkeypatch.setattr(extract_module, "parse_unit", dies_on_second_range)
     code = run_stage("extract-paragraphs", "--input", "in.jsonl", "--workers", "1", "--chunk-bytes", "50000")
     assert code == 130
     out_dir = workdir / "data/paragraphs"
     assert [path.name for path in out_dir.iterdir()] == [LOCK_FILE]  # the lock stays, unlocked
 
 
-def test_output_identical_for_any_worker_count(tmp_path):
-    source = tmp_path / "corpus.jsonl"
-    write_corpus(source, 2_000_000, seed=5)
-    outputs = []
-    for workers in (1, 2, 3):
-        out = tmp_path / f"out{workers}.parquet"
-        extract(source, out, ExtractOptions(lists=True), workers, 200_000, 0.001, progress=False)
-        outputs.append(out.read_bytes())
-    assert outputs[0] == outputs[1] == outputs[2]
-    assert pq.read_metadata(tmp_path / "out1.parquet").num_row_groups > 3
-
-
 def test_huge_line(tmp_path):
     big = paragraph("mot " * 3_000_000)  # a 12 MB paragraph on a single line
     source = write_jsonl(tmp_path / "in.jsonl", [article(1, section("Abstract", big)), article(2)])
-    totals = extract(source, tmp_path / "o.parquet", ExtractOptions(), 2, 1 << 20, 0.0, progress=False)
+    [totals] = extract(source, tmp_path / "o", ExtractOptions(), 2, 1 << 20, 0.0, progress=False)
     assert totals.rows == 1 and totals.characters == len(big["value"])
+
+
+# ------------------------------------------------------------------------------------------ several shards
+
+def part_rows(folder):
+    return {path.name: read_rows(path) for path in sorted(folder.glob("part-*.parquet"))}
+
+
+def test_several_shards_one_part_each_ids_unique_and_duplicates_removed(workdir):
+    """Article 2 appears in shards 0 and 2: the later date wins, so shard 0's copy goes; paragraph
+    duplicates are then judged among kept rows only: "Ancien." (only in the dropped copy) is kept in
+    article 4, and the new copy of article 2 keeps its own paragraphs."""
+    old, new = "2024-01-01T00:00:00Z", "2024-06-01T00:00:00+00:00"
+    shards = [
+        [article(1, section("Abstract", paragraph("Commun."), paragraph("Un."))),
+         article(2, section("Abstract", paragraph("Deux."), paragraph("Ancien.")), date_modified=old)],
+        [article(3, section("Abstract", paragraph("Trois."), paragraph("Commun."), paragraph("Trois.")))],
+        [article(4, section("Abstract", paragraph("Ancien."), paragraph("Quatre."))),
+         article(2, section("Abstract", paragraph("Deux."), paragraph("Nouveau.")), date_modified=new)],
+    ]
+    for number, records in enumerate(shards):
+        write_jsonl(workdir / f"s{number}.jsonl", records)
+    assert run_stage("extract-paragraphs", *(arg for n in range(3) for arg in ("--input", f"s{n}.jsonl"))) == 0
+    parts = part_rows(workdir / "data/paragraphs")
+    assert list(parts) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    texts = {name: [(r["article_id"], r["paragraph_index"], r["text"]) for r in rows] for name, rows in parts.items()}
+    assert texts == {"part-00000.parquet": [(1, 0, "Commun."), (1, 1, "Un.")],
+                     "part-00001.parquet": [(3, 0, "Trois.")],
+                     "part-00002.parquet": [(4, 0, "Ancien."), (4, 1, "Quatre."), (2, 0, "Deux."), (2, 1, "Nouveau.")]}
+    table = open_dataset(workdir / "data/paragraphs").to_table()  # the folder reads as one table
+    assert table.num_rows == 7 and set(table.column("source").to_pylist()) == {"frwiki"}
+    owners = {}
+    for name, rows in parts.items():
+        for row in rows:
+            owners.setdefault(row["article_id"], set()).add(name)
+    assert all(len(names) == 1 for names in owners.values())  # each article in one part only
+    manifest = json.loads((workdir / "manifests/extract-paragraphs.json").read_text())
+    counters = manifest["counters"]
+    assert (counters["duplicate_articles"], counters["duplicate_paragraphs"], counters["paragraphs"]) == (1, 2, 7)
+    assert counters["articles"] == 4
+    assert [(f["file"], f["part"], f["duplicate_articles"], f["duplicate_paragraphs"], f["rows"], f["articles"])
+            for f in counters["files"]] == [("s0.jsonl", "part-00000.parquet", 1, 0, 2, 1),
+                                            ("s1.jsonl", "part-00001.parquet", 0, 2, 1, 1),
+                                            ("s2.jsonl", "part-00002.parquet", 0, 0, 4, 2)]
+    assert [o["counts"]["rows"] for o in manifest["outputs"]] == [2, 1, 4]
+
+
+def test_shards_identical_for_any_worker_count(tmp_path):
+    """Three shards, one gzip-compressed and one a copy of the first (every article and paragraph a
+    duplicate): the parts are byte-identical for 1, 2 and 3 workers."""
+    write_corpus(tmp_path / "a.jsonl", 1_200_000, seed=5)
+    write_corpus(tmp_path / "b.jsonl", 800_000, seed=6)
+    with open(tmp_path / "b.jsonl", "rb") as source, gzip.open(tmp_path / "b.jsonl.gz", "wb") as packed:
+        shutil.copyfileobj(source, packed)
+    shutil.copyfile(tmp_path / "a.jsonl", tmp_path / "c.jsonl")
+    inputs = [tmp_path / name for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl")]
+    outputs = []
+    for workers in (1, 2, 3):
+        files = extract(inputs, tmp_path / f"out{workers}", ExtractOptions(lists=True), workers, 150_000, 0.001,
+                        progress=False)
+        outputs.append([path.read_bytes() for path in sorted((tmp_path / f"out{workers}").glob("part-*.parquet"))])
+    assert len(outputs[0]) == 3 and outputs[0] == outputs[1] == outputs[2]
+    assert pq.read_metadata(tmp_path / "out1/part-00000.parquet").num_row_groups > 3
+    assert files[2].rows == files[2].articles == 0 and files[2].duplicate_articles == files[0].articles
+    assert files[0].duplicate_paragraphs < files[0].rows  # a generated shard repeats a few paragraphs itself
+    texts = pq.read_table(tmp_path / "out1", columns=["text"]).column("text").to_pylist()
+    assert len(texts) == len(set(texts))
+
+
+def test_every_input_is_kept_in_order(workdir):
+    """`--input A --input B` makes two parts, A's then B's (it used to keep only B)."""
+    write_jsonl(workdir / "a.jsonl", [article(1, section("Abstract", paragraph("De A.")))])
+    write_jsonl(workdir / "b.jsonl", [article(2, section("Abstract", paragraph("De B.")))])
+    assert run_stage("extract-paragraphs", "--input", "a.jsonl", "--input", "b.jsonl") == 0
+    assert {name: [r["text"] for r in rows] for name, rows in part_rows(workdir / "data/paragraphs").items()} == {
+        "part-00000.parquet": ["De A."], "part-00001.parquet": ["De B."]}
+    assert run_stage("extract-paragraphs", "--input", "b.jsonl") == 0  # fewer shards: no stale part is left
+    assert list(part_rows(workdir / "data/paragraphs")) == ["part-00000.parquet"]
+
+
+def test_default_inputs_are_the_download_manifests_files(workdir):
+    (workdir / "dump").mkdir()
+    for number in range(3):
+        write_jsonl(workdir / f"dump/frwiki_namespace_0_{number}.jsonl",
+                    [article(number + 1, section("Abstract", paragraph(f"Texte {number}.")))])
+    assert run_stage("download", "--from", "dump") == 0
+    assert run_stage("extract-paragraphs") == 0
+    parts = part_rows(workdir / "data/paragraphs")
+    assert [[r["text"] for r in rows] for rows in parts.values()] == [["Texte 0."], ["Texte 1."], ["Texte 2."]]
+    inputs = json.loads((workdir / "manifests/extract-paragraphs.json").read_text())["inputs"]
+    assert [Path(i["path"]).name for i in inputs] == [f"frwiki_namespace_0_{n}.jsonl" for n in range(3)]
+
+
+def test_bad_shards_are_named(workdir, capsys):
+    write_jsonl(workdir / "good.jsonl", [article(1, section("Abstract", paragraph("Bien.")))])
+    write_jsonl(workdir / "bad.jsonl", [article(2, section("Abstract", paragraph("Mal."))), b"{broken\n"])
+    assert run_stage("extract-paragraphs", "--input", "good.jsonl", "--input", "bad.jsonl") == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl: 1 of 2 lines are malformed" in err and "good.jsonl" not in err
+    assert [p.name for p in (workdir / "data/paragraphs").iterdir()] == [LOCK_FILE]
+    assert run_stage("extract-paragraphs", "--input", "good.jsonl", "--input", "./good.jsonl") == 2
+    assert "given more than once" in capsys.readouterr().err
+
+
+def test_digest_set_is_exact():
+    rng = np.random.default_rng(0)
+    seen, reference = DigestSet(), set()
+    for size in rng.integers(0, 400, size=60):
+        digests = rng.integers(0, 2000, size=size).astype(np.uint64)  # many repeats, within and across batches
+        expected = []
+        for value in digests.tolist():
+            expected.append(value not in reference)
+            reference.add(value)
+        assert seen.first_seen(digests).tolist() == expected
+    assert sum(run.size for run in seen.runs) == len(reference) and len(seen.runs) <= 12
+
+
+def test_an_interrupt_while_the_writer_thread_starts_leaves_none_running(tmp_path, monkeypatch):
+    """Ctrl-C landing while the write thread starts: `close` still waits for that thread (it used to
+    be started on the first write, untracked when interrupted, and kept writing into a closed file)."""
+    import signal
+    import threading
+
+    import pyarrow as pa
+
+    from pipeline.extract import OverlappedWriter
+
+    started, real_start = [], threading.Thread.start
+    real_write = pq.ParquetWriter.write_table
+
+    def start_then_interrupt(thread):
+        real_start(thread)
+        started.append(thread)
+        if len(started) == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupt)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", lambda self, table: (time.sleep(0.3), real_write(self, table)))
+    table = pa.table({"x": list(range(1000))})
+    with pytest.raises(KeyboardInterrupt):
+        writer = OverlappedWriter(tmp_path / "t.parquet", table.schema)
+        try:
+            writer.write(table)
+        finally:
+            writer.close()
+    assert started and not any(thread.is_alive() for thread in started)

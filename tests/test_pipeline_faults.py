@@ -95,7 +95,7 @@ def test_one_signal_stops_every_worker_at_any_point(tmp_path):
         assert process.returncode == (143 if signum == signal.SIGTERM else 130), err
         assert err.strip().splitlines()[-1] == f"error: extract-paragraphs: {INTERRUPTED}", err
         assert "Traceback" not in err
-        assert not (out / "data/paragraphs/paragraphs.parquet").exists()
+        assert not (out / "data/paragraphs/part-00000.parquet").exists()
     assert interrupted >= 3  # the early signals land mid-run, or the test proves little
 
 
@@ -128,7 +128,7 @@ def test_sigterm_ends_a_single_process_stage_like_ctrl_c(pipeline_root, tmp_path
 
 STAGE_RUNS = {  # stage -> (its command in a copy of the fixture, its outputs, its manifest)
     "download": (("download", "--from", "in.jsonl"), ["data/raw/frwiki_namespace_0_0.jsonl"], "download"),
-    "extract-paragraphs": (("extract-paragraphs", "--workers", "1"), ["data/paragraphs/paragraphs.parquet"],
+    "extract-paragraphs": (("extract-paragraphs", "--workers", "1"), ["data/paragraphs/part-00000.parquet"],
                            "extract-paragraphs"),
     "tokenize": (("tokenize", "--plain-bpe", "--vocab-size", "400", "--workers", "1"),
                  ["data/tokenizer/tokenizer.json"] + [f"data/tokens/{split}{ext}" for split in ("train", "val")
@@ -426,7 +426,7 @@ def test_the_same_files_are_the_same_inputs_from_any_directory(tmp_path, capsys)
                   "--data-dir", project / "data", "--manifests", project / "manifests") == 0
     assert capsys.readouterr().out.count("up to date") == 3
     recorded = json.loads((project / "manifests/tokenize.json").read_text())
-    assert recorded["inputs"][0]["path"] == "data/paragraphs/paragraphs.parquet"
+    assert recorded["inputs"][0]["path"] == "data/paragraphs/part-00000.parquet"
     assert recorded["parameters"]["out_dir"] == "data/tokens"
     with contextlib.chdir(elsewhere):
         assert tokens_info(project / "manifests").tokenizer_path == (project / "data/tokenizer/tokenizer.json").resolve()
@@ -458,7 +458,7 @@ def test_an_identifier_past_64_bits_is_a_bad_line(workdir, capsys):
     assert run_stage("extract-paragraphs", "--input", "in.jsonl", "--workers", "1") == 0
     counters = json.loads((workdir / "manifests/extract-paragraphs.json").read_text())["counters"]
     assert counters["bad_lines"]["identifier_out_of_range"] == 1 and counters["articles"] == 2000
-    assert counters["first_bad_lines"] == [{"line": 2000, "reason": "identifier_out_of_range",
+    assert counters["first_bad_lines"] == [{"file": "in.jsonl", "line": 2000, "reason": "identifier_out_of_range",
                                             "cause": f"identifier {1 << 63} does not fit in 64 bits"}]
     assert run_stage("extract-paragraphs", "--input", "in.jsonl", "--force", "--max-bad-fraction", "0") == 2
     assert "line 2000: identifier 9223372036854775808 does not fit in 64 bits" in capsys.readouterr().err
@@ -493,7 +493,7 @@ def test_a_last_line_cut_short_is_reported_and_skipped(workdir, capsys, cut, cau
     write_jsonl(workdir / "in.jsonl", [article_line(1), article_line(2), cut])
     assert run_stage("extract-paragraphs", "--input", "in.jsonl") == 0
     err = capsys.readouterr().err
-    assert f"warning: skipped the last line (line 3): {cause}" in err and "interrupted download" in err
+    assert f"warning: in.jsonl: skipped the last line (line 3): {cause}" in err and "interrupted download" in err
     counters = json.loads((workdir / "manifests/extract-paragraphs.json").read_text())["counters"]
     assert counters["bad_lines"]["truncated"] == 1 and counters["articles"] == 2
 
@@ -508,7 +508,7 @@ def test_gzip_input_is_read_directly_and_gives_the_plain_output(tmp_path):
         out = tmp_path / f"{name}-{workers}"
         assert run_stage("extract-paragraphs", "--input", tmp_path / name, "--workers", workers,
                          "--chunk-bytes", "150000", "--data-dir", out, "--manifests", out / "manifests") == 0
-        outputs[name, workers] = (out / "paragraphs/paragraphs.parquet").read_bytes()
+        outputs[name, workers] = (out / "paragraphs/part-00000.parquet").read_bytes()
     assert outputs["in.jsonl", "1"] == outputs["in.jsonl.gz", "1"] == outputs["in.jsonl.gz", "2"]
 
 
@@ -519,7 +519,7 @@ def test_a_cut_gzip_input_is_one_line(workdir, capsys):
     (workdir / "in.jsonl.gz").write_bytes(data[:len(data) // 2])
     assert run_stage("extract-paragraphs", "--input", "in.jsonl.gz") == 2
     assert "is a damaged or cut gzip file" in error_line(capsys.readouterr().err, "extract-paragraphs")
-    assert not (workdir / "data/paragraphs/paragraphs.parquet").exists()
+    assert not (workdir / "data/paragraphs/part-00000.parquet").exists()
 
 
 def test_an_empty_val_split_packs(workdir, capsys):

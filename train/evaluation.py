@@ -1,11 +1,12 @@
 """`just eval`: bits per byte of a model on any French text, and French benchmarks.
 
-Bits per byte (--text, --parquet) are counted exactly as training's validation counts them: each
+Bits per byte (--text, --parquet, --val) are counted exactly as training's validation counts them: each
 document is <|endoftext|> followed by its text; documents are packed into rows of the run's last
 curriculum length with the pack stage's own placement (best-fit decreasing, long documents cut);
 the loss is summed over every non-padding target, in nats, and divided by ln 2 and the UTF-8 bytes
 of the documents' text. Given the run's validation articles it reproduces the trainer's val bpb
-(on the CPU, in FP32, to the last digits). On a GPU the model runs in BF16; an FP8-trained run is
+(on the CPU, in FP32, to the last digits); --val does so from the run's own tokenized validation
+split, and reports each source of a mixture apart (`just tokenize --mix`) and all of them together. On a GPU the model runs in BF16; an FP8-trained run is
 evaluated from its FP32 master weights, so its figure differs slightly from its FP8 validation.
 Perplexity is e^(nats per token) with this tokenizer.
 
@@ -36,8 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import HelpFormatter
-from pipeline.manifest import sha256_file, write_json_atomic
+from pipeline import HelpFormatter, layout
+from pipeline.errors import StageError
+from pipeline.manifest import sha256_file, tokens_info, verify_input, write_json_atomic
 from pipeline.packed import PackedSplit, best_fit_decreasing, cut_documents
 from train import checkpoint
 from train.config import PrecisionConfig, RunConfig, from_dict
@@ -70,6 +72,8 @@ class Scored:
     doc_mask: bool
     what: str  # the checkpoint or folder evaluated
     description: dict[str, Any]  # what was evaluated, for the JSON
+    run_data: dict[str, str] | None = None  # an frlm checkpoint's config `data` section: where its tokens are
+    tokenizer_sha256: str = ""
 
 
 class HFLogits(nn.Module):
@@ -94,7 +98,8 @@ def frlm_model(source: Source, tokenizer_path: Path | None, device: torch.device
     last = config.curriculum[-1]
     return Scored(model.to(device), tokenizer, tokenizer.token_to_id(EOT), tokenizer.token_to_id(PAD), last.seq_len,
                   model.max_positions, last.micro_batch, config.attention.doc_mask, str(found.path),
-                  {"checkpoint": str(found.path), "step": found.step, "run": str(source.run_dir)})
+                  {"checkpoint": str(found.path), "step": found.step, "run": str(source.run_dir)},
+                  found.config["data"], found.tokenizer_sha256)
 
 
 def hf_model(folder: Path, device: torch.device) -> Scored:
@@ -125,7 +130,8 @@ def text_documents(path: Path) -> list[str]:
 
 
 def parquet_documents(path: Path) -> list[str]:
-    """One document per article: consecutive rows of one article_id joined with newlines, as `tokenize` does."""
+    """One document per article: consecutive rows of one article_id joined with newlines, as `tokenize` does.
+    `path` is a Parquet file or a paragraphs folder (its parts in order)."""
     import pyarrow.parquet as pq
 
     try:
@@ -138,10 +144,38 @@ def parquet_documents(path: Path) -> list[str]:
     return ["\n".join(texts[a:b]) for a, b in zip(starts, np.r_[starts[1:], ids.size])]
 
 
+def val_streams(scored: Scored) -> dict[str, tuple[list[np.ndarray], int]]:
+    """The run's tokenized validation documents, per source: (each document's ids, UTF-8 bytes)."""
+    manifests, data_dir = Path(scored.run_data["manifests"]), Path(scored.run_data["data_dir"])
+    try:
+        info = tokens_info(manifests)
+        bin_path, index_path = layout.token_files(layout.tokens_dir(data_dir), "val")
+        for path in (bin_path, index_path):
+            verify_input(path, manifests, producer_required="tokenize")
+    except StageError as err:
+        raise EvalError(f"--val: {err}") from None
+    if info.tokenizer_sha256 != scored.tokenizer_sha256:
+        raise EvalError(f"--val: the tokens in {data_dir} were made with another tokenizer than this checkpoint's")
+    tokens = np.fromfile(bin_path, dtype=np.dtype(info.dtype)).astype(np.int64)
+    index = np.load(index_path)
+    sources = info.sources or ("all",)
+    source_of = index["source"] if "source" in index.dtype.names else np.zeros(index.size, dtype=np.int64)
+    return {name: ([tokens[start:start + count] for start, count in zip(index["start"][mine], index["tokens"][mine])],
+                   int(index["bytes"][mine].sum()))
+            for number, name in enumerate(sources) if (mine := source_of == number).any()}
+
+
 def pack_text(documents: list[str], scored: Scored) -> PackedSplit:
     """The documents as the pack stage would pack them: rows of seq_len + 1 ids, padding at the end."""
     encodings = scored.tokenizer.encode_batch(documents, add_special_tokens=False)
     streams = [np.array([scored.eot_id, *encoding.ids], dtype=np.int64) for encoding in encodings]
+    return pack_streams(streams, sum(len(doc.encode("utf-8")) for doc in documents), scored)
+
+
+def pack_streams(streams: list[np.ndarray], utf8_bytes: int, scored: Scored) -> PackedSplit:
+    """Documents' ids (each starting with the end-of-text id) packed as the pack stage packs them."""
+    if not streams:
+        raise EvalError("the input holds no document")
     tokens = np.concatenate(streams)
     lengths = np.array([stream.size for stream in streams], dtype=np.int64)
     row_len = scored.seq_len + 1
@@ -154,16 +188,12 @@ def pack_text(documents: list[str], scored: Scored) -> PackedSplit:
     return PackedSplit(seq_len=scored.seq_len, rows=rows, doc_lens=pieces[order].astype(np.int32),
                        row_offsets=np.r_[0, np.cumsum(np.bincount(row, minlength=n_rows))], pad_id=scored.pad_id,
                        eot_id=scored.eot_id, vocab_size=scored.tokenizer.get_vocab_size(with_added_tokens=True),
-                       utf8_bytes=sum(len(doc.encode("utf-8")) for doc in documents), documents=len(documents),
-                       tokenizer_sha256="")
+                       utf8_bytes=utf8_bytes, documents=len(streams), tokenizer_sha256="")
 
 
-def bits_per_byte(scored: Scored, documents: list[str], device: torch.device) -> dict[str, Any]:
-    if not documents:
-        raise EvalError("the input holds no document")
+def bits_per_byte(scored: Scored, split: PackedSplit, device: torch.device) -> dict[str, Any]:
     if scored.seq_len > scored.max_positions:
         raise EvalError(f"--seq-len {scored.seq_len} exceeds the model's {scored.max_positions} positions")
-    split = pack_text(documents, scored)
     precision = Precision(PrecisionConfig(mode="bf16" if device.type == "cuda" else "fp32"), device)
     loss = Loss(RunConfig(), scored.model, compiled=False)  # the plain loss: the same sum, whatever the run used
     result = evaluate(scored.model, loss, split, precision, scored.micro_batch, 0, scored.doc_mask, device,
@@ -238,9 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, default=None, metavar="PATH", help="checkpoint folder or file (default: the run's best)")
     parser.add_argument("--hf", type=Path, default=None, metavar="DIR", help="evaluate this Hugging Face folder (from `just export`) instead")
     parser.add_argument("--text", type=Path, default=None, metavar="FILE", help="UTF-8 text file, documents separated by blank lines")
-    parser.add_argument("--parquet", type=Path, default=None, metavar="FILE",
-                        help="Parquet of paragraphs (article_id, text), e.g. from `just extract-paragraphs`: one "
-                             "document per article")
+    parser.add_argument("--parquet", type=Path, default=None, metavar="PATH",
+                        help="paragraphs (article_id, text): a Parquet file or a folder of parts, e.g. "
+                             "data/paragraphs from `just extract-paragraphs`; one document per article")
+    parser.add_argument("--val", action="store_true",
+                        help="the run's own validation split (its data's tokens/val.bin), per source and all together")
     parser.add_argument("--tasks", default=None, metavar="LIST",
                         help="lm-evaluation-harness tasks, comma separated (e.g. french_bench_hellaswag,belebele_fra_Latn,"
                              f"xnli_fr,arc_fr); `french` stands for {','.join(FRENCH_TASKS)}")
@@ -275,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             results_dir, label = (source.run_dir or folder.parent) / "eval", folder.stem
         if args.text is not None or args.parquet is not None:
             score_text(args, source, device, results_dir, label)
+        if args.val:
+            score_val(args, source, device, results_dir, label)
         if args.tasks is not None:
             score_tasks(args, source, device, results_dir, label)
     except (EvalError, ExportError) as err:
@@ -286,32 +320,59 @@ def main(argv: list[str] | None = None) -> int:
 def check_arguments(args: argparse.Namespace) -> None:
     if args.text is not None and args.parquet is not None:
         raise EvalError("pass --text or --parquet, not both")
-    if args.text is None and args.parquet is None and args.tasks is None:
-        raise EvalError("nothing to evaluate: pass --text FILE, --parquet FILE or --tasks LIST")
+    if args.text is None and args.parquet is None and args.tasks is None and not args.val:
+        raise EvalError("nothing to evaluate: pass --text FILE, --parquet PATH, --val or --tasks LIST")
     if args.hf is not None and (args.run is not None or args.checkpoint is not None):
         raise EvalError("pass --hf DIR, or --run/--checkpoint, not both")
+    if args.hf is not None and args.val:
+        raise EvalError("--val needs --run or --checkpoint: the validation split is the one the run trained with")
     for option, path in (("--text", args.text), ("--parquet", args.parquet)):
-        if path is not None and not path.is_file():
+        if path is not None and not (path.is_file() or option == "--parquet" and path.is_dir()):
             raise EvalError(f"{option} {path}: no such file")
     if args.tasks is not None and not parse_tasks(args.tasks):
         raise EvalError("--tasks names no task")
 
 
-def score_text(args: argparse.Namespace, source: Source | None, device: torch.device, results_dir: Path,
-               label: str) -> None:
+def scored_model(args: argparse.Namespace, source: Source | None, device: torch.device) -> Scored:
     scored = hf_model(args.hf, device) if args.hf is not None else frlm_model(source, args.tokenizer, device)
     scored.seq_len = args.seq_len or scored.seq_len
     scored.micro_batch = args.batch_size or scored.micro_batch
+    return scored
+
+
+def score_text(args: argparse.Namespace, source: Source | None, device: torch.device, results_dir: Path,
+               label: str) -> None:
+    scored = scored_model(args, source, device)
     path = args.text or args.parquet
     documents = text_documents(path) if args.text is not None else parquet_documents(path)
-    result = bits_per_byte(scored, documents, device)
+    result = bits_per_byte(scored, pack_text(documents, scored), device)
     print(f"eval: {path}: {result['documents']:,} documents, {result['utf8_bytes']:,} bytes, {result['rows']:,} rows "
           f"of {result['seq_len']} tokens ({result['precision']} on {device})")
     print_table(["model", "tokens", "nats/token", "perplexity", "bits/byte"],
                 [[scored.what, f"{result['tokens']:,}", f"{result['loss_nats_per_token']:.4f}",
                   f"{result['perplexity']:.2f}", f"{result['bits_per_byte']:.4f}"]])
     written = write_result(results_dir, f"bpb-{path.stem}-{label}",
-                           {**scored.description, "input": str(path), "input_sha256": sha256_file(path), **result})
+                           {**scored.description, "input": str(path),
+                            "input_sha256": sha256_file(path) if path.is_file() else None, **result})
+    print(f"-> {written}")
+
+
+def score_val(args: argparse.Namespace, source: Source | None, device: torch.device, results_dir: Path,
+              label: str) -> None:
+    """Bits per byte on the run's validation split: each source apart, then all of them (the
+    trainer's val bpb) when there are several."""
+    scored = scored_model(args, source, device)
+    groups = val_streams(scored)
+    if len(groups) > 1:
+        groups["all"] = ([stream for streams, _ in groups.values() for stream in streams],
+                         sum(size for _, size in groups.values()))
+    results = {name: bits_per_byte(scored, pack_streams(streams, size, scored), device)
+               for name, (streams, size) in groups.items()}
+    print(f"eval: {scored.what}: validation split of {scored.run_data['data_dir']} ({scored.seq_len}-token rows)")
+    print_table(["source", "documents", "bytes", "tokens", "nats/token", "bits/byte"],
+                [[name, f"{r['documents']:,}", f"{r['utf8_bytes']:,}", f"{r['tokens']:,}",
+                  f"{r['loss_nats_per_token']:.4f}", f"{r['bits_per_byte']:.4f}"] for name, r in results.items()])
+    written = write_result(results_dir, f"val-bpb-{label}", {**scored.description, "by_source": results})
     print(f"-> {written}")
 
 
