@@ -226,3 +226,22 @@ def test_a_full_disk_while_closing_a_part_leaves_no_file(workdir, monkeypatch, c
     folder = Path("data/corpora/web")
     assert not part_files(folder) and not list(folder.glob(".*.tmp-*"))
     assert not Path("manifests/corpus-web.json").exists()
+
+
+def test_an_added_corpus_mixes_into_tokenize_and_stats(workdir):
+    """The stages end to end as a user runs them: Wikipedia extracted, a corpus added through
+    `datasets`, one token stream mixing both with per-source validation, and the report over both."""
+    from benchmarks.synthetic_corpus import write_corpus
+
+    write_corpus(workdir / "wiki.jsonl", 400_000, seed=3)
+    write_jsonl(workdir / "web.jsonl", [{"id": i, "text": f"Le texte numéro {i} parle de la ville.\nIl a deux lignes."}
+                                        for i in range(300)])
+    assert run_stage("extract-paragraphs", "--input", "wiki.jsonl") == 0
+    assert run_stage("add-corpus", "web", "--files", "web.jsonl") == 0
+    assert run_stage("tokenize", "--plain-bpe", "--vocab-size", "400", "--mix", "frwiki=0.6,web=0.4") == 0
+    tokens = json.loads(Path("manifests/tokenize.json").read_text())["tokens"]
+    assert tokens["sources"] == ["frwiki", "web"]
+    assert set(tokens["val_split"]["by_source"]) == {"frwiki", "web"}
+    assert run_stage("stats") == 0
+    summary = json.loads(Path("data/stats/summary.json").read_text())
+    assert "web" in json.dumps(summary) and "frwiki" in json.dumps(summary)
