@@ -1,7 +1,11 @@
-"""SuperBPE training is checked against an independent pure-Python replay of greedy BPE."""
+"""SuperBPE training is checked against an independent pure-Python replay of greedy BPE, and its
+merges on a fixed corpus are pinned to those of the first implementation (the stock trainer fed
+every training text), so memory and speed work on the trainer cannot change what it learns."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections import Counter
 
@@ -18,6 +22,55 @@ def corpus(n: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(PHRASES) if rng.random() < 0.5 else rng.choice(WORDS) for _ in range(rng.randint(3, 9)))
             + rng.choice([".", " !", "", " : fin."]) for _ in range(n)]
+
+
+SUBJECTS = ["la commune", "le village", "la rivière", "l'église Saint-Martin", "le château fort", "la gare",
+            "le pont de pierre", "la forêt domaniale", "le marché couvert", "l'école primaire", "la mairie"]
+VERBS = ["est située", "a été construite", "se trouve", "fut détruite", "est traversée", "a été rénovée",
+         "est classée", "compte", "accueille", "borde"]
+COMPLEMENTS = ["dans le département de l'Aisne", "au bord de la Loire", "près de Lyon", "en Bretagne",
+               "au XIIᵉ siècle", "depuis 1850", "au nord de la ville", "entre les deux guerres",
+               "sur la rive gauche", "au cœur du bourg", "à l'est de Paris", "dans la vallée"]
+EXTRAS = ["Population : {} habitants.", "Altitude : {} m.", "Superficie : {} km².", "Code postal : {}.",
+          "Voir aussi : {}.", "Il y a {} ans, elle comptait {} habitants !", "« Citation n° {} » — fin…"]
+
+
+def pinned_corpus(n: int = 3000, seed: int = 7) -> list[str]:
+    """Paragraphs of French-like sentences: frequent phrases (superword material), colons, digits,
+    accents and rarer words, from a seeded generator whose output is stable across Python versions."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        sentences = []
+        for _ in range(rng.randint(1, 4)):
+            if rng.random() < 0.25:
+                sentences.append(rng.choice(EXTRAS).format(rng.randint(1, 99999), rng.randint(1, 999)))
+            else:
+                sentences.append(f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(COMPLEMENTS)}"
+                                 + rng.choice([".", ",", " et", " ;"]))
+        texts.append(" ".join(sentences))
+    return texts
+
+
+def merges_sha256(tokenizer: Tokenizer) -> str:
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    return hashlib.sha256(json.dumps(merges, ensure_ascii=False).encode()).hexdigest()
+
+
+# sha256 of the merges list, computed with the stock-trainer implementation before any change to it.
+PINNED = {"plain": "a4d5ce2a98dfce4fdf49996e4bd27277851e9312887e2175f502bbb9638c156f",
+          "superbpe t=300": "5a448372785679913d5a19f08d1f85c9162a7428c3203069b4654a3224581fef",
+          "superbpe t=600": "f2b7659708a67c9d3203bb45db468a931405f2fb1e3bc6780ce0a7f95340fd3e"}
+
+
+def test_merges_are_pinned_on_a_fixed_corpus():
+    texts = pinned_corpus()
+    stage1 = sb.train_stage1(texts, 1200)
+    assert merges_sha256(sb.plain_bpe(stage1)) == PINNED["plain"]
+    for transition in (300, 600):  # both restart stage 2 several times at the 4-word limit
+        tokenizer = sb.superbpe_from_stage1(texts, stage1, 1200, transition)
+        assert tokenizer.get_vocab_size() == 1200
+        assert merges_sha256(tokenizer) == PINNED[f"superbpe t={transition}"]
 
 
 def bpe_apply(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
