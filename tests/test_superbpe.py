@@ -9,7 +9,9 @@ import json
 import random
 from collections import Counter
 
-from tokenizers import Tokenizer
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from pipeline import superbpe as sb
 
@@ -71,6 +73,74 @@ def test_merges_are_pinned_on_a_fixed_corpus():
         tokenizer = sb.superbpe_from_stage1(texts, stage1, 1200, transition)
         assert tokenizer.get_vocab_size() == 1200
         assert merges_sha256(tokenizer) == PINNED[f"superbpe t={transition}"]
+
+
+def stock_merges(words: sb.Words, n_alphabet: int, vocab_size: int) -> list[tuple[int, int]]:
+    """The stock trainer on the same counted words: each id is one private-use character, each word
+    fed `count` times, as stage 2 was trained before it had its own trainer."""
+    def char(i: int) -> str:
+        return chr(0xF0000 + i)
+
+    starts = np.cumsum(words.lengths) - words.lengths
+    text = [("".join(map(char, words.ids[a:a + n].tolist())) + " ") * int(c)
+            for a, n, c in zip(starts, words.lengths, words.counts)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=[char(i) for i in range(n_alphabet)],
+                                  show_progress=False, min_frequency=2)
+    tokenizer.train_from_iterator(text, trainer)
+    spelled = {char(i): i for i in range(n_alphabet)}
+    merges = []
+    for left, right in json.loads(tokenizer.to_str())["model"]["merges"]:
+        merges.append((spelled[left], spelled[right]))
+        spelled[left + right] = len(spelled)
+    return merges
+
+
+def greedy_merges(words: sb.Words, n_alphabet: int, vocab_size: int) -> list[tuple[int, int]]:
+    return list(sb.GreedyBpe(words, n_alphabet).merges(vocab_size))
+
+
+def random_words(rng: random.Random, n_alphabet: int) -> sb.Words:
+    words = [[rng.randrange(n_alphabet) for _ in range(rng.randint(2, 14))] for _ in range(rng.randint(1, 60))]
+    return sb.Words(np.array([i for word in words for i in word], dtype=np.int32),
+                    np.array([len(word) for word in words], dtype=np.int64),
+                    np.array([rng.randint(1, 5) for _ in words], dtype=np.int64))
+
+
+@pytest.mark.parametrize("seed", range(0, 400, 50))
+def test_greedy_bpe_learns_the_stock_trainers_merges(seed):
+    # Tiny alphabets make runs ("a a a a"), ties and pairs that fall below two occurrences common.
+    for case in range(seed, seed + 50):
+        rng = random.Random(case)
+        n_alphabet = rng.randint(1, 6)
+        words = random_words(rng, n_alphabet)
+        vocab_size = n_alphabet + rng.randint(1, 80)
+        assert greedy_merges(words, n_alphabet, vocab_size) == stock_merges(words, n_alphabet, vocab_size), case
+
+
+def test_greedy_bpe_learns_the_stock_trainers_merges_on_stage2_words():
+    texts = pinned_corpus()
+    stage1 = sb.train_stage1(texts, 1200)
+    words, vocabulary = sb.stage2_words(texts, stage1, 300)
+    n_alphabet = len(vocabulary.tokens)
+    merges = greedy_merges(words, n_alphabet, n_alphabet + 2000)
+    assert len(merges) > 1000  # until no pair is seen twice
+    assert merges == stock_merges(words, n_alphabet, n_alphabet + 2000)
+
+
+def test_greedy_bpe_stops_before_the_merge_it_yielded_last():
+    words = sb.Words(np.array([0, 1, 2, 0, 1, 2], dtype=np.int32), np.array([3, 3]), np.array([1, 1]))
+    trainer = sb.GreedyBpe(words, 3)
+    for a, b in trainer.merges(10):
+        assert (a, b) == (0, 1)
+        break
+    ids, lengths = trainer.words(np.arange(3, dtype=np.int32))
+    assert ids.tolist() == [0, 1, 2, 0, 1, 2] and lengths.tolist() == [3, 3]
+    trainer = sb.GreedyBpe(words, 3)
+    assert list(trainer.merges(4)) == [(0, 1)]
+    ids, lengths = trainer.words(np.array([0, 1, 2, 7], dtype=np.int32))
+    assert ids.tolist() == [7, 2, 7, 2] and lengths.tolist() == [2, 2]
 
 
 def bpe_apply(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
