@@ -222,3 +222,52 @@ def test_pretokenizers_follow_the_paper():
     assert stage1 == ["de", "Ġla", "Ġville", ",", "Ġen", "Ġ", "202", "4", "Ġ!!", "Ġpuis", "ĠĠ", "Ġfin"]
     # stage 2 isolates only digit groups, runs of 2+ punctuation and runs of spaces
     assert stage2 == ["deĠlaĠville,ĠenĠ", "202", "4", "Ġ!!", "Ġpuis", "ĠĠ", "Ġfin"]
+
+
+@pytest.fixture
+def small_parquet(workdir):
+    """A corpus far too small for a large vocabulary: 300 short paragraphs in 30 articles."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = corpus(300, seed=4)
+    pq.write_table(pa.table({"article_id": [i // 10 for i in range(len(texts))], "text": texts}), workdir / "p.parquet")
+    return workdir / "p.parquet"
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_a_vocabulary_the_corpus_cannot_fill_is_said_and_recorded(small_parquet, workdir, capsys, plain):
+    from tests.conftest import run_stage
+
+    extra = ["--plain-bpe"] if plain else []
+    assert run_stage("tokenize", "--input", small_parquet, "--vocab-size", "5000", "--val-min-articles", "1",
+                     "--workers", "1", *extra) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "fewer than --vocab-size 5,000" in line]
+    tokens = json.loads((workdir / "manifests/tokenize.json").read_text())["tokens"]
+    tokenizer = Tokenizer.from_file(str(workdir / "data/tokenizer/tokenizer.json"))
+    assert tokens["vocab_size"] == tokenizer.get_vocab_size(with_added_tokens=True) < 5000
+    assert tokens["requested_vocab_size"] == 5000
+    assert len(said) == 1 and f"yields {tokens['vocab_size']:,} tokens" in said[0]
+    assert sorted(tokenizer.get_vocab().values()) == list(range(tokens["vocab_size"]))  # ids without holes
+
+
+def test_strict_vocab_makes_the_shortfall_an_error(small_parquet, workdir, capsys):
+    from tests.conftest import run_stage
+
+    assert run_stage("tokenize", "--input", small_parquet, "--vocab-size", "5000", "--val-min-articles", "1",
+                     "--workers", "1", "--strict-vocab") == 2
+    err = capsys.readouterr().err  # the progress bars, then the error's one line
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "fewer than --vocab-size 5,000" in last and "--strict-vocab" in last
+    assert not (workdir / "manifests/tokenize.json").exists()
+    assert [p for p in (workdir / "data").rglob("*") if p.is_file() and p.name != ".lock"] == []
+
+
+def test_a_vocabulary_the_corpus_fills_says_nothing(small_parquet, workdir, capsys):
+    from tests.conftest import run_stage
+
+    assert run_stage("tokenize", "--input", small_parquet, "--vocab-size", "300", "--transition", "20",
+                     "--val-min-articles", "1", "--workers", "1", "--strict-vocab") == 0
+    assert "fewer than --vocab-size" not in capsys.readouterr().out
+    tokens = json.loads((workdir / "manifests/tokenize.json").read_text())["tokens"]
+    assert tokens["vocab_size"] == tokens["requested_vocab_size"] == 300
