@@ -434,8 +434,15 @@ def superbpe_from_stage1(texts: Iterable[str], stage1: Stage1, vocab_size: int, 
                          show_progress: bool = False) -> Tokenizer:
     transition = min(transition, len(stage1.merges))
     words, vocabulary = stage2_words(texts, stage1, transition, show_progress=show_progress)
-    n_stage2 = vocab_size - len(SPECIAL_TOKENS) - len(stage1.alphabet) - transition
-    stage2 = train_stage2(words, vocabulary, n_stage2, show_progress)
+    stage2 = train_stage2(words, vocabulary, stage2_merges(stage1, vocab_size, transition), show_progress)
+    return superbpe_tokenizer(stage1, transition, stage2)
+
+
+def stage2_merges(stage1: Stage1, vocab_size: int, transition: int) -> int:
+    """How many stage-2 merges fill the vocabulary after `transition` stage-1 merges."""
+    return vocab_size - len(SPECIAL_TOKENS) - len(stage1.alphabet) - transition
+
+
+def superbpe_tokenizer(stage1: Stage1, transition: int, stage2: list[tuple[str, str]]) -> Tokenizer:
     merges = stage1.merges[:transition] + stage2
-    tokens = stage1.alphabet + ["".join(m) for m in merges]
-    return assemble(tokens, merges, STAGE2_PATTERN)
+    return assemble(stage1.alphabet + ["".join(m) for m in merges], merges, STAGE2_PATTERN)
