@@ -176,7 +176,8 @@ def stage2_words(texts: Iterable[str], stage1: Stage1, transition: int, batch: i
         sequence_lengths = np.array([len(e.ids) for e in encodings])
         # A new word starts where the pretoken index changes or a new paragraph begins.
         new_word = np.r_[True, word_ids[1:] != word_ids[:-1]]
-        new_word[np.cumsum(sequence_lengths)[:-1]] = True
+        paragraph_starts = np.cumsum(sequence_lengths)[:-1]
+        new_word[paragraph_starts[paragraph_starts < ids.size]] = True  # empty paragraphs start nothing
         word_starts = np.flatnonzero(new_word)
         if word_starts.size:
             starts, ends, _ = pieces(ids, np.diff(np.r_[word_starts, ids.size]), flags)

@@ -271,3 +271,16 @@ def test_a_vocabulary_the_corpus_fills_says_nothing(small_parquet, workdir, caps
     assert "fewer than --vocab-size" not in capsys.readouterr().out
     tokens = json.loads((workdir / "manifests/tokenize.json").read_text())["tokens"]
     assert tokens["vocab_size"] == tokens["requested_vocab_size"] == 300
+
+
+def counted(words: sb.Words) -> Counter:
+    pieces = np.split(words.ids, np.cumsum(words.lengths)[:-1]) if words.lengths.size else []
+    return Counter({tuple(piece.tolist()): int(count) for piece, count in zip(pieces, words.counts)})
+
+
+def test_empty_paragraphs_are_counted_as_nothing():
+    texts = corpus(50, seed=2)
+    stage1 = sb.train_stage1(texts, 400)
+    words, _ = sb.stage2_words(texts, stage1, 100)
+    with_empty, _ = sb.stage2_words(["", *texts[:25], "", "", *texts[25:], ""], stage1, 100, batch=7)
+    assert counted(with_empty) == counted(words) and sum(counted(words).values()) > 50
