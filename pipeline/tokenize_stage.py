@@ -30,10 +30,10 @@ from pipeline.workers import ordered_map
 STAGE = "tokenize"
 DOC_INDEX_DTYPE = np.dtype([("start", "<i8"), ("tokens", "<i8"), ("bytes", "<i8"), ("article_id", "<i8")])
 DEFAULT_VOCAB = 65536
-# Stage 2 holds every distinct superword of the training text. bench-tokenize measured 370 MB peak
-# RSS for 1.6 MB of text and 1,769 MB for 9.3 MB (about 180 MB more per MB, docs/benchmarks.md), so
-# 64 MB keeps SuperBPE training under 16 GB with margin. Larger inputs were not measured.
-DEFAULT_TRAIN_BYTES = 64_000_000
+# Stage 2 holds every distinct superword of the training text: bench-tokenize measured 5.1 GB peak
+# RSS and 13 minutes on 2 cores for 512 MB at the density of real French (docs/benchmarks.md), plus
+# about 2 bytes per character for the training texts this stage holds: within 16 GB with margin.
+DEFAULT_TRAIN_BYTES = 512_000_000
 BATCH_CHARS = 1 << 20  # small enough that workers stay evenly loaded on short inputs
 REQUIRED_COLUMNS = ("article_id", "text")
 
