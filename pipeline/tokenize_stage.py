@@ -32,7 +32,7 @@ import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -48,10 +48,10 @@ STAGE = "tokenize"
 DOC_INDEX_DTYPE = np.dtype([("start", "<i8"), ("tokens", "<i8"), ("bytes", "<i8"), ("article_id", "<i8"),
                             ("source", "<u2")])
 DEFAULT_VOCAB = 65536
-# Stage 2 holds every distinct superword of the training text. bench-tokenize measured 370 MB peak
-# RSS for 1.6 MB of text and 1,769 MB for 9.3 MB (about 180 MB more per MB, docs/benchmarks.md), so
-# 64 MB keeps SuperBPE training under 16 GB with margin. Larger inputs were not measured.
-DEFAULT_TRAIN_BYTES = 64_000_000
+# Stage 2 holds every distinct superword of the training text: bench-tokenize measured 5.1 GB peak
+# RSS and 13 minutes on 2 cores for 512 MB at the density of real French (docs/benchmarks.md), plus
+# about 2 bytes per character for the training texts this stage holds: within 16 GB with margin.
+DEFAULT_TRAIN_BYTES = 512_000_000
 BATCH_CHARS = 1 << 20  # small enough that workers stay evenly loaded on short inputs
 REQUIRED_COLUMNS = ("article_id", "text")
 
@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-bytes", type=int, default=DEFAULT_TRAIN_BYTES,
                         help="cap on the UTF-8 bytes of training-split text used to train the tokenizer")
     parser.add_argument("--plain-bpe", action="store_true", help="train plain byte-level BPE only (the baseline)")
+    parser.add_argument("--strict-vocab", action="store_true",
+                        help="stop with an error, writing nothing, when the training text is too small for "
+                             "--vocab-size (otherwise the smaller vocabulary is kept, said and recorded)")
     parser.add_argument("--val-fraction", type=float, default=0.005,
                         help="fraction of each source's articles held out for validation")
     parser.add_argument("--val-min-articles", type=int, default=50,
@@ -311,13 +314,26 @@ def save_tokenizer(tokenizer, path: Path) -> None:
         raise OSError(int(code[1]), os.strerror(int(code[1]))) from None
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, transition: int, plain: bool):
+def train_tokenizer(texts: Iterable[str], vocab_size: int, transition: int, plain: bool):
+    """Train plain BPE or SuperBPE; `texts` is read twice (a list, or an iterable that starts over)."""
     from pipeline import superbpe
 
     stage1 = superbpe.train_stage1(texts, vocab_size, show_progress=True)
     if plain:
         return superbpe.plain_bpe(stage1)
     return superbpe.superbpe_from_stage1(texts, stage1, vocab_size, transition, show_progress=True)
+
+
+def check_vocab_size(trained: int, requested: int, strict: bool, characters: int) -> None:
+    """A corpus too small for the vocabulary: said in one line (the manifest records the real size),
+    or an error with --strict-vocab."""
+    if trained >= requested:
+        return
+    shortfall = (f"the training text ({characters:,} characters) yields {trained:,} tokens, fewer than "
+                 f"--vocab-size {requested:,}")
+    if strict:
+        raise StageError(f"{shortfall}; nothing written (--strict-vocab). Train on more text or lower --vocab-size")
+    print(f"{STAGE}: {shortfall}; keeping {trained:,} (--strict-vocab makes this an error)")
 
 
 def check_parts(name: str, files: list[Path]) -> None:
@@ -443,9 +459,12 @@ def tokenize(args: argparse.Namespace, stage: StageRun, sources: dict[str, list[
         texts = mixture_texts(plans, args.train_bytes)
         if not texts:
             raise StageError("no training-split text to train the tokenizer on; lower --val-fraction")
+        characters = sum(map(len, texts))
         print(f"{STAGE}: training {stage.parameters['tokenizer']} (vocab {args.vocab_size:,}) on "
-              f"{sum(map(len, texts)):,} characters ...")
+              f"{characters:,} characters ...")
         tokenizer = train_tokenizer(texts, args.vocab_size, transition, args.plain_bpe)
+        check_vocab_size(tokenizer.get_vocab_size(with_added_tokens=True), args.vocab_size, args.strict_vocab,
+                         characters)
         del texts
     train_seconds = time.perf_counter() - train_started
     with atomic_path(tokenizer_out) as tmp:
@@ -471,6 +490,7 @@ def tokenize(args: argparse.Namespace, stage: StageRun, sources: dict[str, list[
                   "tokens_per_second": round(all_tokens / max(encode_seconds, 1e-9)),
                   "bytes_per_token_val": round(totals["val"].bytes / max(totals["val"].tokens - totals["val"].documents, 1), 4)},
         extra={"tokens": {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size,
+                          "requested_vocab_size": None if args.tokenizer is not None else args.vocab_size,
                           "special_ids": {"eot": eot_id, "pad": pad_id}, "tokenizer_sha256": tokenizer_sha,
                           "splits": {name: {"tokens": s.tokens, "documents": s.documents, "utf8_bytes": s.bytes}
                                      for name, s in totals.items()},
