@@ -334,3 +334,16 @@ def test_the_runs_tokenizer_is_found_from_another_directory(trained, tmp_path, m
                  "--max-new-tokens", "3"])
     assert code == 0, capsys.readouterr().err
 
+
+
+def test_prompts_are_prefilled_in_a_few_shapes_and_the_warm_up_takes_theirs():
+    """The first prefill of a shape is slow on a GPU, so lengths round up to a multiple of 32 (within
+    the cache) and the warm-up prefills at the prompts' own length."""
+    model = tiny_model()
+    decoder = Decoder(model, 2, max_len=48)
+    assert [decoder.prefill_width(n) for n in (1, 32, 33, 47)] == [32, 32, 48, 48]
+    shapes, hidden = [], model.hidden
+    model.hidden = lambda ids, *args, **kwargs: shapes.append(tuple(ids.shape)) or hidden(ids, *args, **kwargs)
+    decoder.warm_up(GREEDY, 40)
+    decoder.generate([[0, 7], [0, 5, 17, 42]], GREEDY)
+    assert [shape for shape in shapes if shape[1] > 1] == [(2, 48), (2, 32)]  # the decode steps are (2, 1)
