@@ -81,6 +81,10 @@ test *args:
 bench-train *args:
     {{python}} -m benchmarks.bench_train "$@"
 
+# where one training step's GPU memory goes (weights, optimizer, logits, saved activations, backward), on a GPU
+bench-memory *args:
+    {{python}} -m benchmarks.bench_memory "$@"
+
 # 1 vs 2 GPUs under torchrun: scaling efficiency, loss match, cross-GPU-count resume, rank death
 bench-scaling *args:
     {{python}} -m benchmarks.bench_scaling "$@"

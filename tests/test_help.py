@@ -12,7 +12,7 @@ from pipeline.cli import STAGES
 COMMANDS = [("pipeline.cli", [stage]) for stage in STAGES] + [
     ("train.__main__", []), ("train.sample", []), ("train.doctor", []),
     *[(f"benchmarks.{name}", []) for name in ("bench_extract", "bench_tokenize", "bench_pack", "bench_loader",
-                                              "bench_train", "bench_scaling", "bench_linear", "bench_sample", "demo",
+                                              "bench_train", "bench_memory", "bench_scaling", "bench_linear", "bench_sample", "demo",
                                               "synthetic_corpus")],
     ("train.export", []), ("train.evaluation", []),
 ]

@@ -118,6 +118,10 @@ class RunConfig:
     # torch.compile the model and loss on a GPU (TE projections stay eager, compiled around): FP8 small at
     # micro-batch 32 went from 347k to 476k tokens/s (docs/benchmarks.md).
     compile: bool = True
+    # Replay the layer stack as CUDA graphs in training, one forward and one backward per micro-batch shape
+    # (train/graphs.py): removes the launch gaps between Transformer Engine projections. Applies to the TE
+    # modes on one GPU without attention.doc_mask; the run's start says when it does not apply.
+    cuda_graphs: bool = True
     seed: int = 0  # model initialisation seed
     # plain: the head writes the logits, then cross-entropy in FP32 (compiled on a GPU) | chunked: the head's
     # GEMM and the loss fused per chunk of tokens, their gradients computed in the forward, so neither the

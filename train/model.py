@@ -13,6 +13,7 @@ block-diagonal causal mask on the CPU. Generation uses a static KV cache (`KVCac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -236,6 +237,8 @@ class Transformer(nn.Module):
         self.head_proj = nn.Linear(cfg.d_model, rank, bias=False) if rank else None
         self.lm_head = None if cfg.tie_embeddings else precision.linear("lm_head", rank or cfg.d_model, self.vocab_size)
         self.max_positions = max_positions
+        # Set by the trainer to replay the blocks as CUDA graphs in training (train/graphs.py); not a module.
+        self.graphed_blocks: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, max_positions, cfg.rope_theta, self.embed.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -285,6 +288,9 @@ class Transformer(nn.Module):
         x = self.embed(idx)
         if self.embed_proj is not None:
             x = self.embed_proj(x)
+        if self.graphed_blocks is not None and layout is None and step is None and self.training \
+                and torch.is_grad_enabled():
+            return self.graphed_blocks(x, cos, sin)
         for block in self.blocks:
             x = block(x, cos, sin, layout, step)
         return x

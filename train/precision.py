@@ -59,6 +59,7 @@ class Precision:
         # training. FP8 weight casts then happen once per optimizer step (the weights do not change
         # between micro-batches), TE's `is_first_microbatch` caching.
         self.first_microbatch: bool | None = None
+        self._recipe = None
         if self.mode in TE_MODES and not torch_modules_only:
             self.te = require_transformer_engine(device, fp8=self.mode == "fp8")
             self.te_linear = cached_cast_linear(self.te, self)
@@ -78,6 +79,12 @@ class Precision:
         return nn.Linear(in_features, out_features, bias=False, device=self.device)
 
     def recipe(self):
+        """One recipe object per run: the CUDA graphs capture under the one the steps run under."""
+        if self._recipe is None:
+            self._recipe = self.make_recipe()
+        return self._recipe
+
+    def make_recipe(self):
         from transformer_engine.common import recipe
 
         if self.config.recipe == "delayed":

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from train import checkpoint, microbatch
 from train.config import ConfigError, TrainConfig, flatten, from_dict
 from train.flops import peak_bf16_flops
+from train.graphs import GraphedLayers, graphs_unused_because, transformer_engine_graphs
 from train.loader import IGNORE_INDEX, Batch, PackedLoader, make_batch
 from train.loss import Loss
 from train.model import Transformer
@@ -322,6 +323,11 @@ class Trainer:
             raise ConfigError(f"--stop-at-step {stop_at_step}: the run is at step {self.step} already; name a later "
                               f"step")
         self.compiled = config.run.compile and device.type == "cuda"
+        self.graphs_unused = graphs_unused_because(config.run.cuda_graphs, device, self.precision.mode,
+                                                   config.attention.doc_mask, self.dist.world_size)
+        if self.graphs_unused is None:
+            self.model.graphed_blocks = GraphedLayers(self.model.blocks, self.compiled,
+                                                      transformer_engine_graphs(self.precision))
         self.forward_model = self.wrap_model()
         # Compiled, the loss's FP32 upcast, log-softmax and their backward fuse into a few kernels
         # reading the BF16 logits: no FP32 copy of the logits is written (it grows with the vocabulary).
@@ -452,6 +458,8 @@ class Trainer:
     def run(self) -> dict:
         """Train to the end of the curriculum (or stop_at_step); return the last metrics."""
         self.log_line(self.precision.table())
+        self.log_line("layer stack: CUDA graphs in training, one per micro-batch shape" if self.graphs_unused is None
+                      else f"layer stack: launched layer by layer ({self.graphs_unused})")
         self.log_line(f"MFU against {self.peak_flops / 1e12:.4g} TFLOP/s dense BF16 ({self.device_name})"
                       if self.peak_flops else
                       f"MFU not reported: train/flops.py has no peak FLOP/s for {self.device_name}")
