@@ -89,7 +89,9 @@ def te_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        from train.precision import import_transformer_engine
+
+        import_transformer_engine()  # after torch's cuDNN, as the trainer imports it
     except ImportError:
         return False
     return True
@@ -123,3 +125,15 @@ def test_fp8_steps_through_the_graphs_train_as_the_eager_steps_do(compiled):
             losses[graphed].append(loss.item())
     assert losses[True] == pytest.approx(losses[False], rel=2e-3)
     assert losses[True][-1] < losses[True][0]
+
+
+def test_peak_memory_counts_what_cuda_graph_pools_hold_beyond_their_live_tensors(monkeypatch):
+    """A graph's activations are free in its pool once captured: the allocator's peak alone misses them."""
+    from train.devices import peak_memory_bytes
+
+    segments = [{"total_size": 100, "allocated_size": 40, "segment_pool_id": (0, 0)},  # the default pool
+                {"total_size": 500, "allocated_size": 20, "segment_pool_id": (1, 7)},  # a graph's pool
+                {"total_size": 300, "allocated_size": 300, "segment_pool_id": (1, 7)}]
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 1000)
+    assert peak_memory_bytes(torch.device("cuda", 0)) == 1000 + 480

@@ -23,3 +23,13 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         if (device.index or 0) >= count:
             raise ValueError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
     return device
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most GPU memory the process has needed: the allocator's peak allocation, plus what CUDA graph
+    pools hold beyond their live tensors. A captured graph's activations go back to its private pool once
+    captured, so the allocator counts them as free, yet every replay writes them and nothing else may use
+    them: left out, a graphed run would look about as much smaller as its activations weigh."""
+    graph_pools = sum(segment["total_size"] - segment["allocated_size"] for segment in torch.cuda.memory_snapshot()
+                      if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0))
+    return torch.cuda.max_memory_allocated(device) + graph_pools

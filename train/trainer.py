@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from train import checkpoint, microbatch
 from train.config import ConfigError, TrainConfig, flatten, from_dict
+from train.devices import peak_memory_bytes
 from train.flops import peak_bf16_flops
 from train.graphs import GraphedLayers, graphs_unused_because, transformer_engine_graphs
 from train.loader import IGNORE_INDEX, Batch, PackedLoader, make_batch
@@ -634,7 +635,7 @@ class Trainer:
                 "loss": float(window.loss_sum) / window.steps if window.steps else None,  # None: every step skipped
                 "lr": result.lr, "grad_norm": float(result.grad_norm), "tokens_per_s": tokens_per_s,
                 "mfu": flops_per_s / (self.peak_flops * self.dist.world_size) if self.peak_flops else 0.0,
-                "memory_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if on_gpu else 0.0,
+                "memory_gb": peak_memory_bytes(self.device) / 2**30 if on_gpu else 0.0,
                 "skipped_steps": self.skipped_steps}
 
     def validate(self, stage: Stage) -> dict[str, float]:
