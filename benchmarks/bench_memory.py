@@ -27,8 +27,33 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def breakdown(trainer) -> dict[str, float]:
-    """One measured micro-batch after two trained steps, in GB."""
+def where(frames: list[dict]) -> str:
+    """The innermost frame of this project's code in an allocation's Python stack."""
+    ours = [f for f in frames if "/train/" in f["filename"] or "/benchmarks/" in f["filename"]]
+    frame = (ours or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
+    return f"{Path(frame['filename']).parent.name}/{Path(frame['filename']).name}:{frame['line']} {frame['name']}"
+
+
+def largest_at_peak(events: list[dict], count: int) -> list[tuple[int, str]]:
+    """The `count` largest allocations live when the recorded allocations peaked, as (bytes, where),
+    from the allocator's trace (torch.cuda.memory._snapshot()["device_traces"])."""
+    live: dict[int, dict] = {}
+    total, best, at_peak = 0, -1, {}
+    for event in events:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+            if total > best:
+                best, at_peak = total, dict(live)
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+    largest = sorted(at_peak.values(), key=lambda e: e["size"], reverse=True)[:count]
+    return [(e["size"], where(e.get("frames", []))) for e in largest]
+
+
+def breakdown(trainer, largest: int) -> tuple[dict[str, float], list[tuple[int, str]]]:
+    """One measured micro-batch after two trained steps, in GB, and the `largest` allocations made
+    during it that were live at its peak."""
     stage = trainer.stages[0]
     loader = trainer.stage_loader(stage)
     for _ in range(2):
@@ -38,6 +63,7 @@ def breakdown(trainer) -> dict[str, float]:
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
     trainer.precision.first_microbatch = True
     with trainer.precision.autocast():
         output = trainer.forward_model(batch.inputs, batch.doc_lens if trainer.config.attention.doc_mask else None,
@@ -47,6 +73,8 @@ def breakdown(trainer) -> dict[str, float]:
     loss = trainer.loss(output, batch.targets)
     loss.backward()
     torch.cuda.synchronize()
+    events = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    torch.cuda.memory._record_memory_history(enabled=None)
     peak = torch.cuda.max_memory_allocated()
     graph_pools = peak_memory_bytes(torch.device("cuda", 0)) - peak
     weights = tensor_bytes(trainer.model.parameters())
@@ -59,7 +87,7 @@ def breakdown(trainer) -> dict[str, float]:
             "saved for backward, outside graph pools": (after_forward - held - output_bytes) / GB,
             "forward transient": (forward_peak - after_forward) / GB,
             "loss and backward, over the forward's": (peak - after_forward) / GB,
-            "peak, graph pools included": (peak + graph_pools) / GB}
+            "peak, graph pools included": (peak + graph_pools) / GB}, largest_at_peak(events, largest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--manifests", default=None, help="manifests folder (default: the config's data.manifests)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config key, as `just train --set` (repeatable)")
+    parser.add_argument("--largest", type=int, default=8, metavar="N",
+                        help="list the N largest allocations live at the measured micro-batch's peak, each with the "
+                             "line of this project's code that made it")
     parser.set_defaults(run=None, out_dir=None)
     return parser
 
@@ -98,8 +129,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{stage.seq_len}, vocabulary {trainer.model.vocab_size}, "
                   f"layer stack {'graphed' if trainer.graphs_unused is None else 'eager'}, "
                   f"loss {config.run.loss}, {torch.cuda.get_device_name(device)}")
-            for name, value in breakdown(trainer).items():
+            parts, largest = breakdown(trainer, args.largest)
+            for name, value in parts.items():
                 print(f"  {name:<56} {value:7.2f} GB")
+            print(f"the {len(largest)} largest allocations of the measured micro-batch live at its peak:")
+            for size, place in largest:
+                print(f"  {size / GB:7.2f} GB  {place}")
     except (ConfigError, StageError, TrainError) as err:
         print(f"error: bench-memory: {err}", file=sys.stderr)
         return 2

@@ -28,3 +28,19 @@ def test_bench_leaves_docs_alone_without_write_docs(tmp_path, monkeypatch, capsy
     assert "old table" not in text and "`just bench-pack --tokens 20000`" in text
     assert text.index("## Pack") < text.index("## Loader") and "loader table" in text
     assert (ROOT / "docs" / "benchmarks.md").read_bytes() == real_doc
+
+
+def test_bench_memory_names_the_largest_allocations_live_at_the_peak():
+    from benchmarks.bench_memory import largest_at_peak
+
+    def alloc(addr, size, filename):
+        return {"action": "alloc", "addr": addr, "size": size,
+                "frames": [{"filename": "/venv/torch/nn/functional.py", "line": 1, "name": "linear"},
+                           {"filename": f"/repo/train/{filename}", "line": 7, "name": "forward"}]}
+
+    events = [alloc(1, 50, "model.py"), alloc(2, 30, "loss.py"), {"action": "free_requested", "addr": 2},
+              alloc(3, 40, "model.py"), alloc(4, 10, "loss.py"),  # the peak: 1, 3 and 4 live (100 bytes)
+              {"action": "free_requested", "addr": 3}, alloc(5, 45, "trainer.py")]  # 50 + 10 + 45 = 105 > 100
+    assert largest_at_peak(events, 2) == [(50, "train/model.py:7 forward"), (45, "train/trainer.py:7 forward")]
+    assert largest_at_peak(events[:5], 5) == [(50, "train/model.py:7 forward"), (40, "train/model.py:7 forward"),
+                                              (10, "train/loss.py:7 forward")]
