@@ -59,6 +59,11 @@ class PrecisionConfig:
     # shapes were measured with `just bench-linear` (docs/benchmarks.md) states its own map. A file's map
     # merges key by key over this one.
     map: dict[str, str] = field(default_factory=lambda: {**dict.fromkeys(PROJECTIONS, "fp8"), "lm_head": "bf16"})
+    # Fuse each pre-norm into the FP8 projections after it: Transformer Engine's LayerNormLinear (RMSNorm, then
+    # q, k, v) and LayerNormMLP (RMSNorm, gate and up, SwiGLU, down), whose norm and SwiGLU write FP8 directly
+    # instead of BF16 for a separate cast. The norm then reads the residual in BF16. Needs q, k, v, gate, up and
+    # down all fp8 in the map; checkpoints keep the unfused names, so export and sampling are unchanged.
+    fused_norms: bool = False
 
 
 @dataclass
@@ -280,6 +285,11 @@ def validate(config: TrainConfig) -> None:
     bad = {k: v for k, v in p.map.items() if v not in ("fp8", "bf16")}
     if bad:
         raise ConfigError(f"precision.map values must be fp8 or bf16, got {bad}")
+    fused = ("q", "k", "v", "gate", "up", "down")
+    if p.fused_norms and (p.mode not in TE_MODES or any(p.map[name] != "fp8" for name in fused)):
+        raise ConfigError(f"precision.fused_norms needs a Transformer Engine mode (fp8, te-bf16) and {', '.join(fused)} "
+                          f"all fp8 in precision.map; got mode {p.mode} and "
+                          f"{ {name: p.map[name] for name in fused} }")
     if o.schedule not in ("cosine", "wsd"):
         raise ConfigError(f"optim.schedule {o.schedule!r} must be cosine or wsd")
     for i, stage in enumerate(config.curriculum):

@@ -129,7 +129,9 @@ class Attention(nn.Module):
         self.layer = layer
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.fused = len({precision.plan(n).kind for n in ("q", "k", "v")}) == 1
-        if self.fused:
+        if precision.fuses_norms:  # the block's attn_norm is this module's: x arrives un-normalised
+            self.qkv = precision.norm_linear(cfg.d_model, q_out + 2 * kv_out, cfg.norm_eps)
+        elif self.fused:
             self.qkv = precision.linear("q", cfg.d_model, q_out + 2 * kv_out)
         else:
             self.q = precision.linear("q", cfg.d_model, q_out)
@@ -196,6 +198,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.hidden = cfg.ffn_dim
         self.fused = precision.plan("gate").kind == precision.plan("up").kind
+        self.mlp = None
+        if precision.fuses_norms:  # norm, gate and up, SwiGLU and down in one TE module
+            self.mlp = precision.norm_mlp(cfg.d_model, cfg.ffn_dim, cfg.norm_eps)
+            return
         if self.fused:
             self.gate_up = precision.linear("gate", cfg.d_model, 2 * cfg.ffn_dim)
         else:
@@ -204,17 +210,41 @@ class FeedForward(nn.Module):
         self.down = precision.linear("down", cfg.ffn_dim, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mlp is not None:
+            return self.mlp(x)
         gate, up = self.gate_up(x).chunk(2, dim=-1) if self.fused else (self.gate(x), self.up(x))
         return self.down(F.silu(gate) * up)
+
+
+# precision.fused_norms: Transformer Engine's parameter names inside a block -> the unfused model's, which
+# checkpoints, export and sampling use
+FUSED_NORM_NAMES = {"attn.qkv.layer_norm_weight": "attn_norm.weight", "ffn.mlp.layer_norm_weight": "ffn_norm.weight",
+                    "ffn.mlp.fc1_weight": "ffn.gate_up.weight", "ffn.mlp.fc2_weight": "ffn.down.weight"}
+
+
+def to_unfused_names(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for fused, plain in FUSED_NORM_NAMES.items():
+        if prefix + fused in state_dict:
+            state_dict[prefix + plain] = state_dict.pop(prefix + fused)
+
+
+def to_fused_names(state_dict: dict, prefix: str, *args) -> None:
+    for fused, plain in FUSED_NORM_NAMES.items():
+        if prefix + plain in state_dict:
+            state_dict[prefix + fused] = state_dict.pop(prefix + plain)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, precision, layer: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        fused = precision.fuses_norms  # the norms live inside the TE projections
+        self.attn_norm = nn.Identity() if fused else RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, precision, layer)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn_norm = nn.Identity() if fused else RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = FeedForward(cfg, precision)
+        if fused:
+            self._register_state_dict_hook(to_unfused_names)
+            self._register_load_state_dict_pre_hook(to_fused_names)
 
     def forward(self, x, cos, sin, layout, cache=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, layout, cache)
@@ -248,7 +278,8 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         for name, param in self.named_parameters():
             if param.dim() == 2:
-                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o.weight", "down.weight")) else 1.0
+                residual_out = name.endswith(("o.weight", "down.weight", "fc2_weight"))
+                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if residual_out else 1.0
                 nn.init.normal_(param, mean=0.0, std=std * scale)
 
     def head_input(self, h: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ class Precision:
         self._recipe = None
         if self.mode in TE_MODES and not torch_modules_only:
             self.te = require_transformer_engine(device, fp8=self.mode == "fp8")
-            self.te_linear = cached_cast_linear(self.te, self)
+            self.te_linear = cached_cast(self.te.Linear, self)
 
     def plan(self, name: str) -> LinearPlan:
         marked = self.config.map[name] == "fp8"
@@ -77,6 +77,24 @@ class Precision:
             return self.te_linear(in_features, out_features, bias=False, params_dtype=torch.float32,
                                   device=self.device)
         return nn.Linear(in_features, out_features, bias=False, device=self.device)
+
+    @property
+    def fuses_norms(self) -> bool:
+        """Norms built into Transformer Engine projections (precision.fused_norms), not torch RMSNorms."""
+        return self.config.fused_norms and self.te is not None
+
+    def norm_linear(self, in_features: int, out_features: int, eps: float) -> nn.Module:
+        """RMSNorm then the fused q, k, v projection, as one TE LayerNormLinear (precision.fused_norms)."""
+        return cached_cast(self.te.LayerNormLinear, self)(in_features, out_features, eps=eps, bias=False,
+                                                          normalization="RMSNorm", params_dtype=torch.float32,
+                                                          device=self.device)
+
+    def norm_mlp(self, d_model: int, ffn_dim: int, eps: float) -> nn.Module:
+        """RMSNorm, gate and up, SwiGLU (silu of the first half times the second, as FeedForward) and down,
+        as one TE LayerNormMLP (precision.fused_norms)."""
+        return cached_cast(self.te.LayerNormMLP, self)(d_model, ffn_dim, eps=eps, bias=False, normalization="RMSNorm",
+                                                       activation="swiglu", params_dtype=torch.float32,
+                                                       device=self.device)
 
     def recipe(self):
         """One recipe object per run: the CUDA graphs capture under the one the steps run under."""
@@ -112,7 +130,9 @@ class Precision:
     def table(self) -> str:
         rows = [f"  {name:<8} {self.plan(name).fmt:<5} {self.plan(name).module}" for name in PROJECTIONS]
         recipe = f", recipe {self.config.recipe}" if self.mode == "fp8" else ""
-        return "\n".join([f"precision {self.mode}{recipe}:", *rows,
+        fused = (["  norms    fused into te.LayerNormLinear (q, k, v) and te.LayerNormMLP (gate, up, down)"]
+                 if self.fuses_norms else [])
+        return "\n".join([f"precision {self.mode}{recipe}:", *rows, *fused,
                           "  embeddings, norms, softmax, loss: never FP8 (loss in fp32)"])
 
     def check_shapes(self, shapes: dict[str, tuple[int, int]], tokens_per_micro_batch: int, where: str) -> None:
@@ -166,16 +186,17 @@ def use_torchs_cudnn(maps: Path = Path("/proc/self/maps")) -> None:
         ctypes.CDLL(str(sub), mode=ctypes.RTLD_GLOBAL)  # the graph library first: the others link it
 
 
-def cached_cast_linear(te, precision: "Precision"):
-    """te.Linear whose forward passes the run's micro-batch position as `is_first_microbatch`, kept
-    out of `torch.compile` graphs (TE manages its own FP8 state and kernels)."""
+def cached_cast(te_module: type, precision: "Precision") -> type:
+    """The TE module class whose forward passes the run's micro-batch position as `is_first_microbatch`,
+    kept out of `torch.compile` graphs (TE manages its own FP8 state and kernels)."""
 
-    class CachedCastLinear(te.Linear):
+    class CachedCast(te_module):
         @torch.compiler.disable
         def forward(self, inp, *args, **kwargs):
             return super().forward(inp, *args, is_first_microbatch=precision.first_microbatch, **kwargs)
 
-    return CachedCastLinear
+    CachedCast.__name__ = f"CachedCast{te_module.__name__}"
+    return CachedCast
 
 
 def require_transformer_engine(device: torch.device, fp8: bool):

@@ -1,0 +1,106 @@
+"""precision.fused_norms: the pre-norms inside Transformer Engine's LayerNormLinear and LayerNormMLP, with
+checkpoints that keep the unfused names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.test_graphs import te_available
+from tests.test_train import FakeTE
+from train.config import ConfigError, from_dict, load
+from train.model import Transformer
+from train.precision import Precision
+
+
+class FusedFakeTE(FakeTE):
+    """TE's fused modules as their documentation defines them, on the CPU, with TE's parameter names."""
+
+    class LayerNormLinear(nn.Module):
+        def __init__(self, in_features, out_features, eps, bias, normalization, params_dtype, device):
+            super().__init__()
+            assert normalization == "RMSNorm" and not bias
+            self.eps = eps
+            self.layer_norm_weight = nn.Parameter(torch.ones(in_features))
+            self.weight = nn.Parameter(torch.randn(out_features, in_features))
+
+        def forward(self, inp, is_first_microbatch=None):
+            return F.linear(F.rms_norm(inp, (inp.shape[-1],), self.layer_norm_weight, self.eps), self.weight)
+
+    class LayerNormMLP(nn.Module):
+        def __init__(self, hidden_size, ffn_hidden_size, eps, bias, normalization, activation, params_dtype, device):
+            super().__init__()
+            assert normalization == "RMSNorm" and activation == "swiglu" and not bias
+            self.eps = eps
+            self.layer_norm_weight = nn.Parameter(torch.ones(hidden_size))
+            self.fc1_weight = nn.Parameter(torch.randn(2 * ffn_hidden_size, hidden_size))
+            self.fc2_weight = nn.Parameter(torch.randn(hidden_size, ffn_hidden_size))
+
+        def forward(self, inp, is_first_microbatch=None):
+            h = F.rms_norm(inp, (inp.shape[-1],), self.layer_norm_weight, self.eps)
+            gate, up = F.linear(h, self.fc1_weight).chunk(2, dim=-1)  # TE's swiglu: silu(first half) * second
+            return F.linear(F.silu(gate) * up, self.fc2_weight)
+
+
+def models(monkeypatch, fused: bool):
+    from train import precision as precision_module
+
+    monkeypatch.setattr(precision_module, "require_transformer_engine", lambda device, fp8: FusedFakeTE())
+    config = load("configs/tiny.toml")
+    config.model.n_layers = 2
+    config.precision.mode, config.precision.fused_norms = "fp8", fused
+    torch.manual_seed(0)
+    precision = Precision(config.precision, torch.device("cpu"))
+    return Transformer(config.model, 300, precision, 32), precision
+
+
+def test_fused_norms_compute_the_unfused_model_from_the_same_checkpoint(monkeypatch):
+    plain, _ = models(monkeypatch, fused=False)
+    with torch.no_grad():  # norm weights other than ones, so a norm applied twice or not at all would show
+        for name, param in plain.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    fused, precision = models(monkeypatch, fused=True)
+    assert isinstance(fused.blocks[0].ffn.mlp, FusedFakeTE.LayerNormMLP)
+    assert not any(isinstance(m, type(plain.blocks[0].attn_norm)) for m in fused.blocks[0].children())
+    assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints keep the unfused names
+    fused.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 300, (2, 16))
+    assert torch.allclose(fused(idx), plain(idx), atol=1e-5)
+    assert torch.equal(fused.state_dict()["blocks.1.ffn.gate_up.weight"], plain.state_dict()["blocks.1.ffn.gate_up.weight"])
+    assert "fused into te.LayerNormLinear (q, k, v) and te.LayerNormMLP" in precision.table()
+
+
+def test_fused_init_scales_the_residual_outputs_as_the_unfused_one(monkeypatch):
+    fused, _ = models(monkeypatch, fused=True)
+    std = fused.cfg.init_std
+    down, gate_up = fused.blocks[0].ffn.mlp.fc2_weight, fused.blocks[0].ffn.mlp.fc1_weight
+    assert down.std().item() == pytest.approx(std / (2 * fused.cfg.n_layers) ** 0.5, rel=0.1)
+    assert gate_up.std().item() == pytest.approx(std, rel=0.1)
+
+
+@pytest.mark.parametrize("raw", [{"mode": "bf16", "fused_norms": True},
+                                 {"mode": "fp8", "fused_norms": True, "map": {"o": "fp8", "down": "bf16"}}])
+def test_fused_norms_need_te_projections_throughout(raw):
+    with pytest.raises(ConfigError, match="precision.fused_norms needs"):
+        from_dict({"curriculum": [{"seq_len": 64, "tokens": 1000, "micro_batch": 2}], "precision": raw})
+
+
+@pytest.mark.skipif(not te_available(), reason="needs a GPU with Transformer Engine")
+def test_transformer_engines_fused_modules_compute_the_unfused_block():
+    """The real LayerNormLinear and LayerNormMLP (BF16 GEMMs, te-bf16) against torch's norms and TE Linears
+    with the same weights: BF16 rounding apart, the same logits."""
+    config = load("configs/tiny.toml")
+    config.model.n_layers, config.precision.mode = 2, "te-bf16"
+    device = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    plain = Transformer(config.model, 512, Precision(config.precision, device), 64).to(device)
+    config.precision.fused_norms = True
+    fused = Transformer(config.model, 512, Precision(config.precision, device), 64).to(device)
+    fused.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 512, (2, 64), device=device)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        expected, got = plain(idx).float(), fused(idx).float()
+    assert (got - expected).abs().mean() < 0.02 * expected.abs().mean()
