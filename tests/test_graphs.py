@@ -43,12 +43,15 @@ def test_training_runs_the_graphed_stack_once_captured_per_shape_and_nothing_els
     graphs = FakeGraphs()
     model = tiny_model()
     plain = tiny_model()
-    model.graphed_blocks = GraphedLayers(model.blocks, compiled=False, make_graphed=graphs)
+    captured = []
+    model.graphed_blocks = GraphedLayers(model.blocks, compiled=False, make_graphed=graphs,
+                                         after_capture=lambda: captured.append(len(graphs.captured_shapes)))
     idx = torch.randint(0, 300, (2, 16))
     for _ in range(2):
         loss = cross_entropy(model(idx), idx)
         loss.backward()
     assert graphs.captured_shapes == [(2, 16, model.cfg.d_model)] and graphs.replays == 2
+    assert captured == [1]  # the peak is reset once the capture is done, not before
     plain_loss = cross_entropy(plain(idx), idx)
     plain_loss.backward()
     assert torch.allclose(loss, plain_loss)
@@ -66,7 +69,7 @@ def test_training_runs_the_graphed_stack_once_captured_per_shape_and_nothing_els
     doc_lens = torch.tensor([10, 6, 16], dtype=torch.int32)
     model.train()
     model(idx, doc_lens)  # document masking: not captured
-    assert graphs.replays == 3 and len(graphs.captured_shapes) == 2
+    assert graphs.replays == 3 and len(graphs.captured_shapes) == 2 and captured == [1, 2]
     assert model.state_dict().keys() == plain.state_dict().keys()  # the graphs add nothing to checkpoints
 
 

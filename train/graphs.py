@@ -51,11 +51,17 @@ class LayerStack(nn.Module):
 
 class GraphedLayers:
     """Callable in place of the block loop (Transformer.graphed_blocks): captures the stack at the
-    first micro-batch of each shape (a curriculum stage), releasing the previous shape's graphs."""
+    first micro-batch of each shape (a curriculum stage), releasing the previous shape's graphs.
 
-    def __init__(self, blocks: nn.ModuleList, compiled: bool, make_graphed: MakeGraphed):
+    `after_capture` runs after each capture; the trainer resets the allocator's peak there: while
+    capturing, the graph pool's blocks count as allocated, and from then on peak_memory_bytes
+    (train/devices.py) counts the pool itself, so the capture's peak would count it twice."""
+
+    def __init__(self, blocks: nn.ModuleList, compiled: bool, make_graphed: MakeGraphed,
+                 after_capture: Callable[[], None] = lambda: None):
         self.stack = LayerStack(blocks, compiled)
         self.make_graphed = make_graphed
+        self.after_capture = after_capture
         self.shape: tuple | None = None
         self.captures = 0
 
@@ -66,6 +72,7 @@ class GraphedLayers:
             self.release()
             sample = (torch.randn_like(x).requires_grad_(x.requires_grad), cos.detach().clone(), sin.detach().clone())
             self.make_graphed(self.stack, sample)
+            self.after_capture()
             self.shape = shape
             self.captures += 1
         return self.stack(x, cos, sin)

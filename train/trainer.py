@@ -328,7 +328,8 @@ class Trainer:
                                                    config.attention.doc_mask, self.dist.world_size)
         if self.graphs_unused is None:
             self.model.graphed_blocks = GraphedLayers(self.model.blocks, self.compiled,
-                                                      transformer_engine_graphs(self.precision))
+                                                      transformer_engine_graphs(self.precision),
+                                                      lambda: torch.cuda.reset_peak_memory_stats(device))
         self.forward_model = self.wrap_model()
         # Compiled, the loss's FP32 upcast, log-softmax and their backward fuse into a few kernels
         # reading the BF16 logits: no FP32 copy of the logits is written (it grows with the vocabulary).
