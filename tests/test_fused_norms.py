@@ -81,11 +81,14 @@ def test_fused_init_scales_the_residual_outputs_as_the_unfused_one(monkeypatch):
     assert gate_up.std().item() == pytest.approx(std, rel=0.1)
 
 
-@pytest.mark.parametrize("raw", [{"mode": "bf16", "fused_norms": True},
-                                 {"mode": "fp8", "fused_norms": True, "map": {"o": "fp8", "down": "bf16"}}])
-def test_fused_norms_need_te_projections_throughout(raw):
-    with pytest.raises(ConfigError, match="precision.fused_norms needs"):
-        from_dict({"curriculum": [{"seq_len": 64, "tokens": 1000, "micro_batch": 2}], "precision": raw})
+def test_fused_norms_need_te_projections_throughout_and_torch_modes_ignore_them():
+    curriculum = [{"seq_len": 64, "tokens": 1000, "micro_batch": 2}]
+    with pytest.raises(ConfigError, match="precision.fused_norms builds q, k, v, gate, up, down as Transformer"):
+        from_dict({"curriculum": curriculum, "precision": {"mode": "fp8", "fused_norms": True, "map": {"down": "bf16"}}})
+    config = from_dict({"curriculum": curriculum, "precision": {"mode": "bf16", "fused_norms": True,
+                                                                "map": {"down": "bf16"}}})
+    model = Transformer(config.model, 300, Precision(config.precision, torch.device("cpu")), 32)
+    assert type(model.blocks[0].attn_norm).__name__ == "RMSNorm"  # --precision bf16 on a fused preset
 
 
 @pytest.mark.skipif(not te_available(), reason="needs a GPU with Transformer Engine")
