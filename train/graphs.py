@@ -27,7 +27,7 @@ from torch import nn
 
 from train.config import TE_MODES
 
-# (stack module, sample args, precision) -> the same module, its forward now replaying graphs
+# (stack module, sample args) -> the same module, its forward now replaying graphs
 MakeGraphed = Callable[[nn.Module, tuple[torch.Tensor, ...]], nn.Module]
 
 
@@ -63,7 +63,6 @@ class GraphedLayers:
         self.make_graphed = make_graphed
         self.after_capture = after_capture
         self.shape: tuple | None = None
-        self.captures = 0
 
     @torch.compiler.disable
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -74,7 +73,6 @@ class GraphedLayers:
             self.make_graphed(self.stack, sample)
             self.after_capture()
             self.shape = shape
-            self.captures += 1
         return self.stack(x, cos, sin)
 
     def release(self) -> None:
