@@ -37,7 +37,9 @@ from pipeline.manifest import write_json_atomic
 from train.config import AUTO, ConfigError, TrainConfig
 from train.precision import token_multiple
 
-HEADROOM = 0.10  # of the limit, kept free: allocator fragmentation, checkpoint copies, what the probe omits
+# Of the limit, kept free: allocator fragmentation, checkpoint copies, what the probe omits. The probe runs the
+# blocks eagerly; the run's CUDA graphs (run.cuda_graphs) held 1-2 GB more on an H100 (docs/benchmarks.md).
+HEADROOM = 0.10
 CPU_TOKENS = 4096  # "auto" on a CPU: the largest micro-batch of at most this many tokens
 CACHE_FILE = "micro_batch.json"
 
