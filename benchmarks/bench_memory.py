@@ -76,7 +76,7 @@ def breakdown(trainer, largest: int) -> tuple[dict[str, float], list[tuple[int, 
     events = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
     torch.cuda.memory._record_memory_history(enabled=None)
     peak = torch.cuda.max_memory_allocated()
-    graph_pools = peak_memory_bytes(torch.device("cuda", 0)) - peak
+    graph_pools = peak_memory_bytes(trainer.device) - peak
     weights = tensor_bytes(trainer.model.parameters())
     optimizer = tensor_bytes(v for state in trainer.optimizer.state.values() for v in state.values())
     output_bytes = tensor_bytes([output])

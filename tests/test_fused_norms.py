@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from tests.test_graphs import te_available
 from tests.test_train import FakeTE
@@ -15,39 +13,10 @@ from train.model import Transformer
 from train.precision import Precision
 
 
-class FusedFakeTE(FakeTE):
-    """TE's fused modules as their documentation defines them, on the CPU, with TE's parameter names."""
-
-    class LayerNormLinear(nn.Module):
-        def __init__(self, in_features, out_features, eps, bias, normalization, params_dtype, device):
-            super().__init__()
-            assert normalization == "RMSNorm" and not bias
-            self.eps = eps
-            self.layer_norm_weight = nn.Parameter(torch.ones(in_features))
-            self.weight = nn.Parameter(torch.randn(out_features, in_features))
-
-        def forward(self, inp, is_first_microbatch=None):
-            return F.linear(F.rms_norm(inp, (inp.shape[-1],), self.layer_norm_weight, self.eps), self.weight)
-
-    class LayerNormMLP(nn.Module):
-        def __init__(self, hidden_size, ffn_hidden_size, eps, bias, normalization, activation, params_dtype, device):
-            super().__init__()
-            assert normalization == "RMSNorm" and activation == "swiglu" and not bias
-            self.eps = eps
-            self.layer_norm_weight = nn.Parameter(torch.ones(hidden_size))
-            self.fc1_weight = nn.Parameter(torch.randn(2 * ffn_hidden_size, hidden_size))
-            self.fc2_weight = nn.Parameter(torch.randn(hidden_size, ffn_hidden_size))
-
-        def forward(self, inp, is_first_microbatch=None):
-            h = F.rms_norm(inp, (inp.shape[-1],), self.layer_norm_weight, self.eps)
-            gate, up = F.linear(h, self.fc1_weight).chunk(2, dim=-1)  # TE's swiglu: silu(first half) * second
-            return F.linear(F.silu(gate) * up, self.fc2_weight)
-
-
 def models(monkeypatch, fused: bool):
     from train import precision as precision_module
 
-    monkeypatch.setattr(precision_module, "require_transformer_engine", lambda device, fp8: FusedFakeTE())
+    monkeypatch.setattr(precision_module, "require_transformer_engine", lambda device, fp8: FakeTE())
     config = load("configs/tiny.toml")
     config.model.n_layers = 2
     config.precision.mode, config.precision.fused_norms = "fp8", fused
@@ -63,7 +32,7 @@ def test_fused_norms_compute_the_unfused_model_from_the_same_checkpoint(monkeypa
             if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
     fused, precision = models(monkeypatch, fused=True)
-    assert isinstance(fused.blocks[0].ffn.mlp, FusedFakeTE.LayerNormMLP)
+    assert isinstance(fused.blocks[0].ffn.mlp, FakeTE.LayerNormMLP)
     assert not any(isinstance(m, type(plain.blocks[0].attn_norm)) for m in fused.blocks[0].children())
     assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints keep the unfused names
     fused.load_state_dict(plain.state_dict())

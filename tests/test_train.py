@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import build_packed_corpus
@@ -161,6 +162,32 @@ class FakeTE(types.SimpleNamespace):
             self.seen_first_microbatch.append(is_first_microbatch)
             self.traced.append(torch.compiler.is_compiling())
             return super().forward(inp)
+
+    # TE's fused modules as its documentation defines them, with TE's parameter names
+    class LayerNormLinear(nn.Module):
+        def __init__(self, in_features, out_features, eps, bias, normalization, params_dtype, device):
+            super().__init__()
+            assert normalization == "RMSNorm" and not bias
+            self.eps = eps
+            self.layer_norm_weight = nn.Parameter(torch.ones(in_features))
+            self.weight = nn.Parameter(torch.randn(out_features, in_features))
+
+        def forward(self, inp, is_first_microbatch=None):
+            return F.linear(F.rms_norm(inp, (inp.shape[-1],), self.layer_norm_weight, self.eps), self.weight)
+
+    class LayerNormMLP(nn.Module):
+        def __init__(self, hidden_size, ffn_hidden_size, eps, bias, normalization, activation, params_dtype, device):
+            super().__init__()
+            assert normalization == "RMSNorm" and activation == "swiglu" and not bias
+            self.eps = eps
+            self.layer_norm_weight = nn.Parameter(torch.ones(hidden_size))
+            self.fc1_weight = nn.Parameter(torch.randn(2 * ffn_hidden_size, hidden_size))
+            self.fc2_weight = nn.Parameter(torch.randn(hidden_size, ffn_hidden_size))
+
+        def forward(self, inp, is_first_microbatch=None):
+            h = F.rms_norm(inp, (inp.shape[-1],), self.layer_norm_weight, self.eps)
+            gate, up = F.linear(h, self.fc1_weight).chunk(2, dim=-1)  # TE's swiglu: silu(first half) * second
+            return F.linear(F.silu(gate) * up, self.fc2_weight)
 
 
 @pytest.mark.parametrize("mode", ["fp8", "te-bf16"])

@@ -228,7 +228,7 @@ def to_unfused_names(module: nn.Module, state_dict: dict, prefix: str, local_met
             state_dict[prefix + plain] = state_dict.pop(prefix + fused)
 
 
-def to_fused_names(state_dict: dict, prefix: str, *args) -> None:
+def to_fused_names(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     for fused, plain in FUSED_NORM_NAMES.items():
         if prefix + plain in state_dict:
             state_dict[prefix + fused] = state_dict.pop(prefix + plain)
@@ -243,8 +243,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.Identity() if fused else RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = FeedForward(cfg, precision)
         if fused:
-            self._register_state_dict_hook(to_unfused_names)
-            self._register_load_state_dict_pre_hook(to_fused_names)
+            self.register_state_dict_post_hook(to_unfused_names)
+            self.register_load_state_dict_pre_hook(to_fused_names)
 
     def forward(self, x, cos, sin, layout, cache=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, layout, cache)

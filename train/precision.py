@@ -54,7 +54,7 @@ class Precision:
         self.mode = config.mode
         self.device = device
         self.te = None
-        self.te_linear = None
+        self.te_classes: dict[str, type] = {}  # TE module name -> its class with the cached-cast forward
         # Set by the trainer: True on a step's first micro-batch, False on the others, None outside
         # training. FP8 weight casts then happen once per optimizer step (the weights do not change
         # between micro-batches), TE's `is_first_microbatch` caching.
@@ -62,7 +62,8 @@ class Precision:
         self._recipe = None
         if self.mode in TE_MODES and not torch_modules_only:
             self.te = require_transformer_engine(device, fp8=self.mode == "fp8")
-            self.te_linear = cached_cast(self.te.Linear, self)
+            self.te_classes = {name: cached_cast(getattr(self.te, name), self)
+                               for name in ("Linear", "LayerNormLinear", "LayerNormMLP")}
 
     def plan(self, name: str) -> LinearPlan:
         marked = self.config.map[name] == "fp8"
@@ -74,7 +75,7 @@ class Precision:
 
     def linear(self, name: str, in_features: int, out_features: int) -> nn.Module:
         if self.plan(name).is_te and self.te is not None:
-            return self.te_linear(in_features, out_features, bias=False, params_dtype=torch.float32,
+            return self.te_classes["Linear"](in_features, out_features, bias=False, params_dtype=torch.float32,
                                   device=self.device)
         return nn.Linear(in_features, out_features, bias=False, device=self.device)
 
@@ -85,16 +86,15 @@ class Precision:
 
     def norm_linear(self, in_features: int, out_features: int, eps: float) -> nn.Module:
         """RMSNorm then the fused q, k, v projection, as one TE LayerNormLinear (precision.fused_norms)."""
-        return cached_cast(self.te.LayerNormLinear, self)(in_features, out_features, eps=eps, bias=False,
-                                                          normalization="RMSNorm", params_dtype=torch.float32,
-                                                          device=self.device)
+        return self.te_classes["LayerNormLinear"](in_features, out_features, eps=eps, bias=False,
+                                                  normalization="RMSNorm", params_dtype=torch.float32,
+                                                  device=self.device)
 
     def norm_mlp(self, d_model: int, ffn_dim: int, eps: float) -> nn.Module:
         """RMSNorm, gate and up, SwiGLU (silu of the first half times the second, as FeedForward) and down,
         as one TE LayerNormMLP (precision.fused_norms)."""
-        return cached_cast(self.te.LayerNormMLP, self)(d_model, ffn_dim, eps=eps, bias=False, normalization="RMSNorm",
-                                                       activation="swiglu", params_dtype=torch.float32,
-                                                       device=self.device)
+        return self.te_classes["LayerNormMLP"](d_model, ffn_dim, eps=eps, bias=False, normalization="RMSNorm",
+                                               activation="swiglu", params_dtype=torch.float32, device=self.device)
 
     def recipe(self):
         """One recipe object per run: the CUDA graphs capture under the one the steps run under."""
