@@ -456,9 +456,9 @@ def run(args: argparse.Namespace) -> int:
                   section=corpus_section) as stage:
         if not stage.start(folder, [folder]):
             return 0
+        origin = open_origin(args)  # a source that cannot be opened leaves the previous corpus in place
         for old in part_files(folder):  # a previous run's parts: this run replaces them all
             old.unlink()
-        origin = open_origin(args)
         columns = Columns(args.text_column, args.title_column)
         with PartWriter(folder, args.name, args.rows_per_part, stage) as writer:
             counts = write_corpus(origin, columns, writer, args.paragraphs == "blank-line", args.max_bytes)

@@ -145,6 +145,15 @@ def test_a_rerun_is_skipped_and_a_changed_input_replaces_every_part(workdir, cap
     assert [r["text"] for r in corpus_rows()] == ["seul document"]
 
 
+def test_a_source_that_cannot_be_opened_leaves_the_previous_corpus_in_place(workdir):
+    """The Hub unreachable (or a saved dataset gone) on a rerun: an error, and the corpus already there stays."""
+    write_jsonl(workdir / "a.jsonl", [{"text": "document gardé"}])
+    assert run_stage("add-corpus", "web", "--files", "a.jsonl") == 0
+    (workdir / "folder").mkdir()
+    assert run_stage("add-corpus", "web", "--from-disk", "folder") != 0
+    assert [r["text"] for r in corpus_rows()] == ["document gardé"]
+
+
 def write_bad_inputs(root: Path) -> None:
     write_jsonl(root / "good.jsonl", [{"text": "Bonjour.", "n": 1}])
     write_jsonl(root / "bad.jsonl", [{"text": "ok"}, b'{"text": cut\n'])
