@@ -181,17 +181,22 @@ def document_batches(plans: list[SourcePlan]) -> Iterator[list[tuple[int, int, s
     about BATCH_CHARS characters (independent of the worker count)."""
     batch, size = [], 0
     for source, plan in enumerate(plans):
-        documents, count = paragraphs.iter_documents(plan.files), 0
-        for count, ((article_id, text), destination) in enumerate(zip(documents, plan.destination), start=1):
+        documents = paragraphs.iter_documents(plan.files)
+        changed = StageError(f"the paragraphs of {plan.name} changed while this stage read them; rerun")
+        for destination in plan.destination:  # the documents the plan counted, no fewer and no more
+            document = next(documents, None)
+            if document is None:
+                raise changed
             if destination == SKIP:
                 continue
+            article_id, text = document
             batch.append((source, article_id, text, destination == VAL))
             size += len(text)
             if size >= BATCH_CHARS:
                 yield batch
                 batch, size = [], 0
-        if count != plan.destination.size or next(documents, None) is not None:
-            raise StageError(f"the paragraphs of {plan.name} changed while this stage read them; rerun")
+        if next(documents, None) is not None:
+            raise changed
     if batch:
         yield batch
 

@@ -219,3 +219,17 @@ def test_bad_mix(mixed_dir, capsys, spec, message):
     assert mix(mixed_dir, spec, "bad") == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("extra", [1, 2, -1])
+def test_paragraphs_that_changed_since_planning_are_refused_not_truncated(tmp_path, monkeypatch, extra):
+    """The encode pass reads the documents the plan counted; one more or one fewer is an error."""
+    from pipeline import tokenize_stage
+    from pipeline.errors import StageError
+
+    documents = [(i, f"texte {i}") for i in range(6)]
+    monkeypatch.setattr(tokenize_stage.paragraphs, "iter_documents", lambda files: iter(documents[:4 + extra]))
+    plan = tokenize_stage.SourcePlan("frwiki", [], 1.0, np.arange(4), np.full(4, 7),
+                                     np.full(4, tokenize_stage.TRAIN), np.array([], dtype=np.int64))
+    with pytest.raises(StageError, match="changed while this stage read them"):
+        list(tokenize_stage.document_batches([plan]))
