@@ -505,16 +505,14 @@ class Articles:
         one) the first."""
         ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
         order = np.argsort(ids, kind="stable")  # copies of one identifier together, in input order
-        repeated = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+        group_starts = np.flatnonzero(np.r_[True, ids[order][1:] != ids[order][:-1]])
+        group_ends = np.r_[group_starts[1:], ids.size]
+        repeated = np.flatnonzero(group_ends - group_starts > 1)  # only these groups loop in Python
         ranges: list[list[tuple[int, int]]] = [[] for _ in range(shards)]
         if not repeated.size:
             return ranges
         modified, shard, start, rows = (np.concatenate(a) for a in (self.modified, self.shard, self.start, self.rows))
-        group_starts = np.flatnonzero(np.r_[True, ids[order][1:] != ids[order][:-1]])
-        group_ends = np.r_[group_starts[1:], ids.size]
-        for begin, end in zip(group_starts, group_ends):
-            if end - begin < 2:
-                continue
+        for begin, end in zip(group_starts[repeated], group_ends[repeated]):
             copies = order[begin:end]
             kept = copies[0] if modified[copies[0]] == NO_DATE else copies[np.argmax(modified[copies])]
             for copy in copies[copies != kept]:
