@@ -21,6 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pipeline.errors import StageError
+
 SCHEMA = pa.schema([
     ("article_id", pa.int64()),
     ("title", pa.string()),
@@ -31,6 +33,24 @@ SCHEMA = pa.schema([
 ])
 WIKIPEDIA_SOURCE = "frwiki"
 PART_GLOB = "part-*.parquet"
+
+
+def check_parts(files: list[Path], required: tuple[str, ...]) -> int:
+    """Refuse, naming the file, a part that is not readable Parquet or lacks a column the reader
+    needs; return the parts' rows together."""
+    rows = 0
+    for path in files:
+        try:
+            part = pq.ParquetFile(path)
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError or others for a damaged file
+            raise StageError(f"{path} is not a readable Parquet file ({type(err).__name__}); rewrite it with the "
+                             f"stage that made it") from None
+        missing = [name for name in required if name not in part.schema_arrow.names]
+        if missing:
+            raise StageError(f"{path} lacks the column(s) {', '.join(missing)}: not a paragraphs part "
+                             f"(pipeline/paragraphs.py); rerun the stage that wrote it")
+        rows += part.metadata.num_rows
+    return rows
 
 
 def part_name(index: int) -> str:

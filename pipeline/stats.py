@@ -30,7 +30,7 @@ from typing import Any
 from pipeline import layout
 from pipeline.errors import StageError
 from pipeline.manifest import StageRun, atomic_path, verify_input, write_json_atomic
-from pipeline.paragraphs import part_files
+from pipeline.paragraphs import check_parts, part_files
 
 STAGE = "stats"
 QUANTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9, "p99": 0.99}
@@ -64,23 +64,6 @@ def input_folders(data_dir: Path, given: list[Path] | None) -> list[Path]:
         raise StageError(f"no paragraphs under {data_dir} (neither {layout.paragraphs_dir(data_dir)} nor "
                          f"{corpora}/NAME holds part-*.parquet); run `just extract-paragraphs` or `just add-corpus`")
     return folders
-
-
-def check_parts(files: list[Path]) -> None:
-    """Refuse, naming the file, a part that is not Parquet or lacks a column the report reads."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    for path in files:
-        try:
-            names = pq.read_schema(path).names
-        except pa.ArrowException as err:
-            raise StageError(f"{path} is not a readable Parquet file ({err}); rewrite it with the stage that made "
-                             f"it") from None
-        missing = [name for name in REQUIRED_COLUMNS if name not in names]
-        if missing:
-            raise StageError(f"{path} lacks the column(s) {', '.join(missing)}: not a paragraphs part "
-                             f"(pipeline/paragraphs.py); rerun the stage that wrote it")
 
 
 def paragraph_rows(files: list[Path]) -> Any:
@@ -285,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
     files = [path for folder in folders for path in part_files(folder)]
     out_dir = args.out_dir or layout.stats_dir(args.data_dir)
     inputs = [verify_input(path, args.manifests) for path in files]
-    check_parts(files)
+    check_parts(files, REQUIRED_COLUMNS)
     png = has_matplotlib()
     parameters = {"top": args.top, "histogram": png, "out_dir": Path(out_dir)}
     with StageRun(STAGE, args.manifests, parameters, inputs, force=args.force) as stage:

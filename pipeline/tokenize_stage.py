@@ -341,23 +341,6 @@ def check_vocab_size(trained: int, requested: int, strict: bool, characters: int
     print(f"{STAGE}: {shortfall}; keeping {trained:,} (--strict-vocab makes this an error)")
 
 
-def check_parts(name: str, files: list[Path]) -> None:
-    """Refuse a part that is not paragraphs, or a source without any paragraph."""
-    rows = 0
-    for path in files:
-        try:
-            part = pq.ParquetFile(path)
-        except Exception as err:
-            raise StageError(f"{path} is not a readable Parquet file ({type(err).__name__}); "
-                             f"rerun `just extract-paragraphs`") from None
-        missing = [c for c in REQUIRED_COLUMNS if c not in part.schema_arrow.names]
-        if missing:
-            raise StageError(f"{path} lacks the column(s) {missing}; expected the output of `just extract-paragraphs`")
-        rows += part.metadata.num_rows
-    if rows == 0:
-        raise StageError(f"source {name} ({files[0].parent}) holds no paragraph: the corpus is empty")
-
-
 def parse_mix(text: str) -> dict[str, float]:
     """`frwiki=0.7,oscar=0.3` -> normalized weights, in the order given."""
     weights: dict[str, float] = {}
@@ -430,7 +413,8 @@ def run(args: argparse.Namespace) -> int:
                            if name == paragraphs.WIKIPEDIA_SOURCE and args.input is None else None)
               for name, files in sources.items() for path in files]
     for name, files in sources.items():
-        check_parts(name, files)
+        if paragraphs.check_parts(files, REQUIRED_COLUMNS) == 0:
+            raise StageError(f"source {name} ({files[0].parent}) holds no paragraph: the corpus is empty")
     if weights is None:
         sources = {source_label(files): files for files in sources.values()}
     if args.tokenizer is not None:
