@@ -37,6 +37,8 @@ from typing import Iterator
 
 import numpy as np
 
+from pipeline.superbpe import default_transition
+
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 PARTS = ("scaling", "compression", "encode")
 # As reported by their authors, each on its own French Wikipedia text (not the held-out articles here).
@@ -185,12 +187,6 @@ def in_process(target, *args):
     return result
 
 
-def default_transition(vocab: int) -> int:
-    from pipeline.superbpe import SPECIAL_TOKENS
-
-    return int(0.8 * (vocab - 256 - len(SPECIAL_TOKENS)))
-
-
 def scaling(args: argparse.Namespace, texts: list[str], tmp: Path) -> str:
     from benchmarks.report import machine_line, markdown_table
 
@@ -330,7 +326,8 @@ def encode(args: argparse.Namespace, parquet: Path, tmp: Path) -> str:
         print("bench-tokenize: training the default SuperBPE tokenizer for the encode part ...")
         texts = tmp / "corpus.txt"
         texts.write_text("\x00".join(all_paragraphs(parquet)), encoding="utf-8")
-        in_process(_train_superbpe, str(texts), args.vocab_size, default_transition(args.vocab_size), str(tokenizer))
+        in_process(_train_superbpe, str(texts), args.vocab_size, default_transition(args.vocab_size),
+                   str(tokenizer))
     docs = tmp / "docs.txt"
     docs.write_text("\x00".join(text for _, text in iter_documents(parquet)), encoding="utf-8")
     corpus_mb = docs.stat().st_size / 1e6

@@ -49,6 +49,16 @@ ID_BITS = 20  # a pair of token ids (a, b) is the integer a << ID_BITS | b
 COUNT_SHIFT = 2 * ID_BITS  # a queue entry is -count << COUNT_SHIFT | pair: smallest = best
 
 
+def max_transition(vocab_size: int) -> int:
+    """The stage-1 merges a vocabulary has room for: all but the 256 bytes and the special tokens."""
+    return vocab_size - 256 - len(SPECIAL_TOKENS)
+
+
+def default_transition(vocab_size: int) -> int:
+    """SuperBPE's transition point t when none is given: 80% of the merges (the paper's choice)."""
+    return int(0.8 * max_transition(vocab_size))
+
+
 def pretokenizer(pattern: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])

@@ -390,7 +390,7 @@ def source_files(args: argparse.Namespace, weights: dict[str, float] | None) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.superbpe import SPECIAL_TOKENS
+    from pipeline.superbpe import SPECIAL_TOKENS, default_transition, max_transition
 
     out_dir = args.out_dir or layout.tokens_dir(args.data_dir)
     tokenizer_out = layout.tokenizer_file(args.data_dir) if args.out_dir is None else out_dir / "tokenizer.json"
@@ -400,10 +400,10 @@ def run(args: argparse.Namespace) -> int:
         if args.vocab_size < min_vocab:
             raise StageError(f"--vocab-size {args.vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} special "
                              f"tokens + 1 merge = {min_vocab}")
-        max_transition = args.vocab_size - 256 - len(SPECIAL_TOKENS)
-        transition = int(0.8 * max_transition) if args.transition is None else args.transition
-        if not 0 <= transition <= max_transition:
-            raise StageError(f"--transition {transition} must be within [0, {max_transition}] for --vocab-size "
+        most = max_transition(args.vocab_size)
+        transition = default_transition(args.vocab_size) if args.transition is None else args.transition
+        if not 0 <= transition <= most:
+            raise StageError(f"--transition {transition} must be within [0, {most}] for --vocab-size "
                              f"{args.vocab_size} (the merges the vocabulary has room for)")
     if not 0 <= args.val_fraction < 1 or args.val_min_articles < 0:
         raise StageError("--val-fraction must be in [0, 1) and --val-min-articles non-negative")
