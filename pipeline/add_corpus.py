@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from pipeline import layout
 from pipeline.errors import StageError
-from pipeline.manifest import DamagedManifest, StageRun, atomic_path, file_record
+from pipeline.manifest import StageRun, atomic_path, checked_section, file_record
 from pipeline.paragraphs import SCHEMA, WIKIPEDIA_SOURCE, part_files, part_name
 
 STAGE_PREFIX = "corpus-"
@@ -431,11 +431,7 @@ def write_corpus(origin: Origin, columns: Columns, writer: PartWriter, on_blank_
 
 def corpus_section(manifest: dict, path: Path) -> dict:
     """The `corpus` section of a loaded corpus-NAME manifest, checked."""
-    section = manifest.get("corpus")
-    if not (isinstance(section, dict) and isinstance(section.get("name"), str)
-            and isinstance(section.get("origin"), dict) and isinstance(section.get("counts"), dict)):
-        raise DamagedManifest(path, "is damaged (no corpus section with name, origin and counts)")
-    return section
+    return checked_section(manifest, "corpus", path, {"name": str, "origin": dict})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -470,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
                   "bytes": counts.bytes, "characters": counts.characters, "parts": writer.parts,
                   "stopped_at_max_bytes": counts.stopped_at_max_bytes}
         stage.finish(counters=totals, extra={"corpus": {
-            "name": args.name, "origin": origin.record, "counts": totals,
+            "name": args.name, "origin": origin.record,
             "title_column": args.title_column if columns.has_title else None}})
     print(f"add-corpus: {args.name}: {counts.documents_written:,} documents, {counts.paragraphs:,} paragraphs, "
           f"{counts.bytes / 1e6:,.1f} MB of text in {writer.parts} part(s) -> {folder}"

@@ -191,7 +191,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _section(manifest: dict, name: str, where: Path, schema: dict[str, type]) -> dict:
+def checked_section(manifest: dict, name: str, where: Path, schema: dict[str, type]) -> dict:
     """The stage-specific section of a manifest, with the keys and types a reader relies on."""
     section = manifest.get(name)
     missing = [key for key, kind in schema.items()
@@ -226,7 +226,7 @@ def tokens_info(manifests_dir: Path) -> TokensInfo:
 
 def tokens_section(manifest: dict, path: Path) -> TokensInfo:
     """The `tokens` section of a loaded tokenize manifest, checked."""
-    info = _section(manifest, "tokens", path, {"dtype": str, "vocab_size": int, "special_ids": dict,
+    info = checked_section(manifest, "tokens", path, {"dtype": str, "vocab_size": int, "special_ids": dict,
                                               "tokenizer_sha256": str, "splits": dict})
     special, splits = info["special_ids"], info["splits"]
     if not all(_is_int(special.get(k)) for k in ("eot", "pad")) or not all(
@@ -275,7 +275,7 @@ def pack_info(manifests_dir: Path, seq_len: int) -> PackInfo | None:
 
 def pack_section(manifest: dict, path: Path, seq_len: int) -> PackInfo:
     """The `pack` section of a loaded pack-seqN manifest, checked."""
-    info = _section(manifest, "pack", path, {"seq_len": int, "dtype": str, "pad_id": int, "eot_id": int,
+    info = checked_section(manifest, "pack", path, {"seq_len": int, "dtype": str, "pad_id": int, "eot_id": int,
                                             "vocab_size": int, "tokenizer_sha256": str, "splits": dict})
     for split in layout.SPLITS:
         recorded = info["splits"].get(split)

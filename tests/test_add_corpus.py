@@ -77,7 +77,7 @@ def test_jsonl_files_become_paragraph_parts_with_the_corpus_source(workdir):
     recorded = manifest()
     assert recorded["stage"] == "corpus-web"
     assert recorded["corpus"]["origin"] == {"kind": "files", "builder": "json", "files": 2}
-    counts = recorded["corpus"]["counts"]
+    counts = recorded["counters"]
     assert counts["documents"] == 4 and counts["empty_documents"] == 1 and counts["paragraphs"] == 6
     assert counts["bytes"] == sum(len(r["text"].encode()) for r in rows)
     assert [Path(i["path"]).name for i in recorded["inputs"]] == ["a.jsonl", "b.jsonl.gz"]
@@ -127,7 +127,7 @@ def test_max_bytes_stops_after_the_document_that_reaches_it(workdir):
     write_jsonl(workdir / "a.jsonl", [{"text": "x" * 10}, {"text": "y" * 10}, {"text": "z" * 10}])
     assert run_stage("add-corpus", "web", "--files", "a.jsonl", "--max-bytes", "15") == 0
     assert [r["text"] for r in corpus_rows()] == ["x" * 10, "y" * 10]
-    counts = manifest()["corpus"]["counts"]
+    counts = manifest()["counters"]
     assert counts["bytes"] == 20 and counts["stopped_at_max_bytes"] is True
 
 
