@@ -70,19 +70,22 @@ def open_dataset(folders: list[Path] | Path) -> ds.Dataset:
     return ds.dataset(files, schema=SCHEMA, format="parquet")
 
 
-def resolve(path: Path) -> list[Path]:
-    """The parts a path names: a paragraphs folder's parts in order, or the one Parquet file given."""
-    path = Path(path)
+def resolve(paths: Path | list[Path]) -> list[Path]:
+    """The parts a path names (a paragraphs folder's parts in order, or the one Parquet file given);
+    a list of part files as it is."""
+    if not isinstance(paths, (str, Path)):
+        return list(paths)
+    path = Path(paths)
     return part_files(path) if path.is_dir() else [path]
 
 
-def _document_runs(files: list[Path], columns: list[str]) -> Iterator[tuple[pa.RecordBatch, np.ndarray, bool]]:
+def _document_runs(files: list[Path]) -> Iterator[tuple[pa.RecordBatch, np.ndarray, bool]]:
     """Every batch of `files` (in order) with the start rows of its documents, and whether its first
     document continues the previous batch's last one. A document is a run of consecutive rows with
     one article_id, which may cross batch and part boundaries."""
     last_id = None
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=columns):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=["article_id", "text"]):
             if not batch.num_rows:
                 continue
             ids = batch.column("article_id").to_numpy()
@@ -94,9 +97,8 @@ def _document_runs(files: list[Path], columns: list[str]) -> Iterator[tuple[pa.R
 def iter_documents(files: list[Path] | Path) -> Iterator[tuple[int, str]]:
     """(article_id, text) of every document of a paragraphs folder or part files, in order: its
     paragraphs joined with "\\n"."""
-    files = resolve(files) if isinstance(files, (str, Path)) else files
     current_id, parts = None, []
-    for batch, starts, continued in _document_runs(files, ["article_id", "text"]):
+    for batch, starts, continued in _document_runs(resolve(files)):
         ids, texts = batch.column("article_id").to_numpy(), batch.column("text").to_pylist()
         for number, (a, b) in enumerate(zip(starts, np.r_[starts[1:], ids.size])):
             if number or not continued:
@@ -113,7 +115,7 @@ def document_sizes(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     the texts (the bytes of its paragraphs plus one per newline between them)."""
     ids, sizes = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     last_id, last_bytes = None, 0  # the last document seen: the next batch may continue it
-    for batch, starts, continued in _document_runs(files, ["article_id", "text"]):
+    for batch, starts, continued in _document_runs(files):
         row_bytes = pc.binary_length(batch.column("text")).to_numpy(zero_copy_only=False).astype(np.int64)
         run_bytes = np.add.reduceat(row_bytes, starts) + np.diff(np.r_[starts, row_bytes.size]) - 1
         run_ids = batch.column("article_id").to_numpy()[starts].astype(np.int64)

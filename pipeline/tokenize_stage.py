@@ -159,7 +159,7 @@ def plan_sources(sources: dict[str, list[Path]], weights: dict[str, float], val_
 def training_texts(files: list[Path] | Path, val_ids: np.ndarray, max_bytes: int) -> list[str]:
     """Paragraphs of training-split articles of one source, in order, up to `max_bytes` of UTF-8."""
     texts, total = [], 0
-    for path in paragraphs.resolve(files) if isinstance(files, (str, Path)) else files:
+    for path in paragraphs.resolve(files):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=list(REQUIRED_COLUMNS)):
             keep = ~np.isin(batch.column("article_id").to_numpy(), val_ids)
             for text, kept in zip(batch.column("text").to_pylist(), keep):
