@@ -597,7 +597,7 @@ def deduplicate(temporary: Path, part: Path, dropped: list[tuple[int, int]], see
                 new = seen.first_seen(group.column("digest").to_numpy())
                 totals.duplicate_paragraphs += int((~new).sum())
                 group = group.filter(pa.array(new)).drop_columns(["digest"])
-                source = pa.array([paragraphs.WIKIPEDIA_SOURCE]).take(np.zeros(group.num_rows, dtype=np.int64))
+                source = pa.repeat(pa.scalar(paragraphs.WIKIPEDIA_SOURCE, pa.string()), group.num_rows)
                 group = group.append_column("source", source)
                 totals.rows += group.num_rows
                 totals.characters += pc.sum(pc.utf8_length(group.column("text"))).as_py() or 0
