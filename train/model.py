@@ -5,14 +5,13 @@ Every projection is built by the run's `Precision`, which decides torch or Trans
 projection name (q, k, v, o, gate, up, down, lm_head). Q, K and V are one fused projection when
 they share a precision, separate otherwise; gate and up likewise.
 
-Attention: PyTorch SDPA, in torch's kernel order or cuDNN's first (`attention.kernel`). With document masking, a varlen
+Attention: PyTorch SDPA (flash / cuDNN kernels) by default. With document masking, a varlen
 kernel on the GPU (flash-attn when installed, else Transformer Engine's thd attention) and a
 block-diagonal causal mask on the CPU. Generation uses a static KV cache (`KVCache`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,16 +20,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from train.config import ConfigError, ModelConfig
 
 VOCAB_MULTIPLE = 128
-# SDPA backends in the order tried, per attention.kernel; None keeps torch's own order.
-SDPA_ORDERS: dict[str, list[SDPBackend] | None] = {
-    "torch": None,
-    "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-}
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -129,9 +122,8 @@ class CacheStep(NamedTuple):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, precision, layer: int, kernel: str = "torch"):
+    def __init__(self, cfg: ModelConfig, precision, layer: int):
         super().__init__()
-        self.sdpa_order = SDPA_ORDERS[kernel]
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.layer = layer
@@ -169,15 +161,9 @@ class Attention(nn.Module):
             y = self.varlen_attention(q, k, v, layout).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         else:
             mask = layout.block_causal_mask() if layout is not None else None
-            with self.kernel_order():
-                y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                   attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
-
-    def kernel_order(self) -> contextlib.AbstractContextManager:
-        """SDPA's backend priority for this call. Traced by torch.compile, so the compiled graph calls
-        the kernel chosen here."""
-        return contextlib.nullcontext() if self.sdpa_order is None else sdpa_kernel(self.sdpa_order, set_priority=True)
 
     def varlen_attention(self, q, k, v, layout: DocLayout) -> torch.Tensor:
         """Causal attention within documents on the GPU: flash-attn if installed, else TE (thd)."""
@@ -249,11 +235,11 @@ def to_fused_names(module: nn.Module, state_dict: dict, prefix: str, *args) -> N
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, precision, layer: int, attention_kernel: str = "torch"):
+    def __init__(self, cfg: ModelConfig, precision, layer: int):
         super().__init__()
         fused = precision.fuses_norms  # the norms live inside the TE projections
         self.attn_norm = nn.Identity() if fused else RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, precision, layer, attention_kernel)
+        self.attn = Attention(cfg, precision, layer)
         self.ffn_norm = nn.Identity() if fused else RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = FeedForward(cfg, precision)
         if fused:
@@ -266,8 +252,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, precision, max_positions: int,
-                 attention_kernel: str = "torch"):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, precision, max_positions: int):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = padded_vocab(vocab_size)
@@ -277,7 +262,7 @@ class Transformer(nn.Module):
                               "or model.tie_embeddings = false")
         self.embed = nn.Embedding(self.vocab_size, rank or cfg.d_model)
         self.embed_proj = nn.Linear(rank, cfg.d_model, bias=False) if rank else None
-        self.blocks = nn.ModuleList(Block(cfg, precision, i, attention_kernel) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, precision, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head_proj = nn.Linear(cfg.d_model, rank, bias=False) if rank else None
         self.lm_head = None if cfg.tie_embeddings else precision.linear("lm_head", rank or cfg.d_model, self.vocab_size)

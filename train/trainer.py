@@ -306,8 +306,7 @@ class Trainer:
         self.tokenizer_sha256 = self.stages[0].train.tokenizer_sha256
         torch.manual_seed(config.run.seed)
         max_len = max(s.seq_len for s in self.stages)
-        self.model = Transformer(config.model, self.vocab_size, self.precision, max_positions=max_len,
-                                 attention_kernel=config.attention.kernel).to(device)
+        self.model = Transformer(config.model, self.vocab_size, self.precision, max_positions=max_len).to(device)
         for stage in self.stages:
             self.precision.check_shapes(self.projection_shapes(), stage.micro_batch * stage.seq_len,
                                         f"curriculum stage {stage.index}")
