@@ -424,23 +424,6 @@ def make_trainer(packed, run_dir, steps=(5, 4), stop_at_step=None, **run):
     return Trainer(config, run_dir, torch.device("cpu"), stop_at_step=stop_at_step)
 
 
-def test_the_runs_attention_kernel_orders_sdpa_in_training_and_evaluation(packed, tmp_path, monkeypatch):
-    from train.trainer import Trainer
-
-    config = load(write_config(tmp_path / "run.toml"))
-    config.data.data_dir, config.data.manifests = str(packed / "data"), str(packed / "manifests")
-    config.attention.kernel = "cudnn"
-    (tmp_path / "run").mkdir()
-    trainer = Trainer(config, tmp_path / "run", torch.device("cpu"))
-    seen, sdpa = [], F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda *a, **k: seen.append(torch._C._get_sdp_priority_order()[0]) or sdpa(*a, **k))
-    stage = trainer.stages[0]
-    trainer.train_step([next(trainer.stage_loader(stage)) for _ in range(stage.grad_accum)])
-    trainer.validate(stage)
-    assert seen and set(seen) == {int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)}
-
-
 def test_when_the_loop_logs_evaluates_and_checkpoints(packed, tmp_path, capsys):
     """Stages of 5 and 4 steps, stopped after step 7: the decisions step by step, then what a run does
     with them (an evaluation at 3 although log_every is 2: it writes its own metrics line; a checkpoint at

@@ -20,7 +20,6 @@ PRECISIONS = ("fp8", "te-bf16", "bf16", "fp32")
 TE_MODES = ("fp8", "te-bf16")  # the modes that build Transformer Engine modules
 RECIPES = ("delayed", "current", "block")
 LOSSES = ("plain", "chunked")
-ATTENTION_KERNELS = ("torch", "cudnn")
 AUTO = "auto"  # a stage's micro_batch chosen by train/microbatch.py
 
 
@@ -73,10 +72,6 @@ class AttentionConfig:
     # Attend only within a document (packed rows hold several); positions restart per document. Off: it cost
     # 22-30% of throughput at small and is not compiled (docs/benchmarks.md).
     doc_mask: bool = False
-    # SDPA's kernel order in training, evaluation and the micro-batch probe. torch: torch's own (flash-attention
-    # first) | cudnn: cuDNN's fused attention first, then torch's order for a shape cuDNN cannot run.
-    # Generation keeps torch's order; doc_mask uses a varlen kernel instead.
-    kernel: str = "torch"
 
 
 @dataclass
@@ -296,8 +291,6 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"precision.fused_norms builds {', '.join(fused)} as Transformer Engine modules: mark them all "
                           f"fp8 in precision.map (got { {name: p.map[name] for name in fused} }), or set "
                           f"precision.fused_norms = false")
-    if config.attention.kernel not in ATTENTION_KERNELS:
-        raise ConfigError(f"attention.kernel {config.attention.kernel!r} must be one of {ATTENTION_KERNELS}")
     if o.schedule not in ("cosine", "wsd"):
         raise ConfigError(f"optim.schedule {o.schedule!r} must be cosine or wsd")
     for i, stage in enumerate(config.curriculum):

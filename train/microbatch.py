@@ -180,7 +180,7 @@ class MemoryProbe:
         from train.precision import Precision
 
         self.config, self.device, self.vocab_size = config, device, vocab_size
-        self.precision = Precision(config.precision, device, attention_kernel=config.attention.kernel)
+        self.precision = Precision(config.precision, device)
         self.model = Transformer(config.model, vocab_size, self.precision, max_positions=max_seq_len).to(device)
         compiled = config.run.compile and device.type == "cuda"
         self.forward = torch.compile(self.model, dynamic=True) if compiled else self.model

@@ -22,16 +22,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from train.config import PROJECTIONS, TE_MODES, ConfigError, PrecisionConfig
-
-
-# SDPA backends in the order tried, per attention.kernel; None keeps torch's own order (flash first).
-SDPA_ORDERS: dict[str, list[SDPBackend] | None] = {
-    "torch": None,
-    "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-}
 
 
 @dataclass(frozen=True)
@@ -53,15 +45,12 @@ class LinearPlan:
 
 
 class Precision:
-    """The run's precision: module factory, forward context and the table printed at start."""
+    """The run's precision: module factory, autocast context and the table printed at start."""
 
-    def __init__(self, config: PrecisionConfig, device: torch.device, torch_modules_only: bool = False,
-                 attention_kernel: str = "torch"):
+    def __init__(self, config: PrecisionConfig, device: torch.device, torch_modules_only: bool = False):
         """`torch_modules_only` keeps the structure the map implies (which projections are fused)
-        but builds torch modules: for sampling from an FP8-trained checkpoint without TE.
-        `attention_kernel`: the run's attention.kernel, whose SDPA order the forward context sets."""
+        but builds torch modules: for sampling from an FP8-trained checkpoint without TE."""
         self.config = config
-        self.sdpa_order = SDPA_ORDERS[attention_kernel]
         self.mode = config.mode
         self.device = device
         self.te = None
@@ -124,18 +113,14 @@ class Precision:
         return recipe.Float8BlockScaling()
 
     def autocast(self, group=None):
-        """The forward context of one micro-batch: BF16 autocast, TE's FP8 recipe, SDPA's kernel order.
-        The order is set here, around the compiled model, because torch.compile picks the attention
-        kernel when it traces, from the order in force then (torch 2.11 ignores an order set inside
-        the model's code)."""
-        stack = contextlib.ExitStack()
-        if self.sdpa_order is not None:
-            stack.enter_context(sdpa_kernel(self.sdpa_order, set_priority=True))
+        """The forward context of one micro-batch."""
         if self.mode == "fp32":
-            return stack
-        stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
+            return contextlib.nullcontext()
+        bf16 = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         if self.mode != "fp8":
-            return stack
+            return bf16
+        stack = contextlib.ExitStack()
+        stack.enter_context(bf16)
         if hasattr(self.te, "autocast"):  # TE >= 2.9
             stack.enter_context(self.te.autocast(enabled=True, recipe=self.recipe(), amax_reduction_group=group))
         else:

@@ -301,7 +301,7 @@ class Trainer:
         self.after_step_hooks: list[Callable[[int], None]] = [self.profiler.after_step] if self.profiler else []
         self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         self.peak_flops = peak_bf16_flops(self.device_name)  # None: MFU is written as 0.0, never guessed
-        self.precision = Precision(config.precision, device, attention_kernel=config.attention.kernel)
+        self.precision = Precision(config.precision, device)
         self.vocab_size = self.stages[0].train.vocab_size
         self.tokenizer_sha256 = self.stages[0].train.tokenizer_sha256
         torch.manual_seed(config.run.seed)
