@@ -5,19 +5,17 @@ Why: a Transformer Engine projection is a graph break for `torch.compile`, so an
 its layers piece by piece from Python: four TE projections per block, each with its own casts,
 between compiled regions. At `yxanul-197m` (28 thin layers) the GPU waited on those launches for
 27% of its FP8 step (docs/benchmarks.md). Captured once, the whole stack replays as two graph
-launches, forward and backward, whatever the number of layers. The torch modes, compiled whole,
-idle less (3-4%), and their stack is captured the same way.
+launches, forward and backward, whatever the number of layers.
 
-How: Transformer Engine's `make_graphed_callables` in the TE modes, which captures its modules with
-their FP8 state; delayed scaling's amax and scale updates run outside the graph on the tensors the
-graph reads, as they do eagerly. torch's `make_graphed_callables` in the others. The torch code
-between projections stays compiled inside the graph. Only training with grad runs the graph:
-evaluation (model.eval()) and generation run the blocks as before. Not for document masking (its
-attention takes a new document layout every batch) nor DDP (not measured); the trainer keeps the
-blocks eager there and says so at start.
+How: Transformer Engine's `make_graphed_callables`, which captures its modules with their FP8
+state; delayed scaling's amax and scale updates run outside the graph on the tensors the graph
+reads, as they do eagerly. The torch code between projections stays compiled inside the graph.
+Only training with grad runs the graph: evaluation (model.eval()) and generation run the blocks
+as before. Not for document masking (its attention takes a new document layout every batch) nor
+DDP (not measured); the trainer keeps the blocks eager there and says so at start.
 
 The graphs cast the FP8 weights on every micro-batch (TE's per-step weight caching is not
-captured): 0.5-1.5 ms per micro-batch at the presets ("Projection GEMMs, vocabulary 65,536").
+captured); the weights are a few percent of what an FP8 step casts.
 """
 
 from __future__ import annotations
@@ -81,8 +79,7 @@ class GraphedLayers:
         """Free the captured graphs and their memory pool; the stack runs its own forward again."""
         if self.shape is None:
             return
-        if "reset" in self.stack.__dict__:  # TE's graphs free their pool here; torch's when dropped
-            self.stack.reset()
+        self.stack.reset()
         for name in ("forward", "reset", "backward_dw"):  # set on the instance by make_graphed_callables
             self.stack.__dict__.pop(name, None)
         self.shape = None
@@ -106,29 +103,15 @@ def transformer_engine_graphs(precision) -> MakeGraphed:
     return make_graphed
 
 
-def torch_graphs(precision) -> MakeGraphed:
-    """Capture with torch's `make_graphed_callables`, for the torch modes. As for TE, the capture runs
-    under autocast without its weight-cast cache, which torch cannot capture."""
-
-    def make_graphed(stack: nn.Module, sample: tuple[torch.Tensor, ...]) -> nn.Module:
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=precision.mode != "fp32",
-                            cache_enabled=False):
-            return torch.cuda.make_graphed_callables(stack, sample)
-
-    return make_graphed
-
-
-def make_graphs(precision) -> MakeGraphed:
-    """The run's way of capturing: Transformer Engine's in the TE modes, torch's in the others."""
-    return transformer_engine_graphs(precision) if precision.mode in TE_MODES else torch_graphs(precision)
-
-
-def graphs_unused_because(cuda_graphs: bool, device: torch.device, doc_mask: bool, world_size: int) -> str | None:
+def graphs_unused_because(cuda_graphs: bool, device: torch.device, mode: str, doc_mask: bool,
+                          world_size: int) -> str | None:
     """Why the run keeps its blocks eager, or None when it captures them."""
     if not cuda_graphs:
         return "run.cuda_graphs = false"
     if device.type != "cuda":
         return "no GPU"
+    if mode not in TE_MODES:
+        return f"precision {mode}: compiled whole, no graph breaks to remove"
     if doc_mask:
         return "attention.doc_mask: a new document layout every batch"
     if world_size > 1:

@@ -35,7 +35,7 @@ from train import checkpoint, microbatch
 from train.config import ConfigError, TrainConfig, flatten, from_dict
 from train.devices import peak_memory_bytes
 from train.flops import peak_bf16_flops
-from train.graphs import GraphedLayers, graphs_unused_because, make_graphs
+from train.graphs import GraphedLayers, graphs_unused_because, transformer_engine_graphs
 from train.loader import IGNORE_INDEX, Batch, PackedLoader, make_batch
 from train.loss import Loss
 from train.model import Transformer
@@ -324,11 +324,11 @@ class Trainer:
             raise ConfigError(f"--stop-at-step {stop_at_step}: the run is at step {self.step} already; name a later "
                               f"step")
         self.compiled = config.run.compile and device.type == "cuda"
-        self.graphs_unused = graphs_unused_because(config.run.cuda_graphs, device, config.attention.doc_mask,
-                                                   self.dist.world_size)
+        self.graphs_unused = graphs_unused_because(config.run.cuda_graphs, device, self.precision.mode,
+                                                   config.attention.doc_mask, self.dist.world_size)
         if self.graphs_unused is None:
             self.model.graphed_blocks = GraphedLayers(self.model.blocks, self.compiled,
-                                                      make_graphs(self.precision),
+                                                      transformer_engine_graphs(self.precision),
                                                       lambda: torch.cuda.reset_peak_memory_stats(device))
         self.forward_model = self.wrap_model()
         # Compiled, the loss's FP32 upcast, log-softmax and their backward fuse into a few kernels
