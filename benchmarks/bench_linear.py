@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                             "weight cast ms", "fp8 speed-up (fp32 w)",
                             "fp8 speed-up (bf16 w)"], rows)
     body = (f"`python -m benchmarks.bench_linear --configs {args.configs} --tokens {args.tokens} --vocab-size "
-            f"{args.vocab_size} --recipe {args.recipe}` on {torch.cuda.get_device_name()} ({time.strftime('%Y-%m-%d')}, "
+            f"{args.vocab_size} --recipe {args.recipe} --repeats {args.repeats}` on {torch.cuda.get_device_name()} ({time.strftime('%Y-%m-%d')}, "
             f"torch {torch.__version__}, Transformer Engine {transformer_engine.__version__}).\n\n{table}\n\n"
             "Forward + backward of one projection, host launch work included; FP8 weight casts once per step, "
             "except in the 'cast each pass' column (the graphed layer stack's way), whose excess is the weight cast. "
